@@ -1,0 +1,255 @@
+"""Frozen configs (model, gate), HF config translation, and yaml loading with overrides.
+
+Imports nothing of ours. Every config is a frozen dataclass: hashable, so it can be a
+static attribute of a flax Module or a static argument of `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config value or key is wrong; the message names it and says what is allowed."""
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  # None, or a tuple of (key, value) pairs so the config stays hashable, e.g.
+  # (("rope_type", "llama3"), ("factor", 8.0), ("low_freq_factor", 1.0), ...).
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  rms_eps: float = 1e-5
+  tie_embeddings: bool = False
+  max_position: int = 4096
+  dtype: str = "float32"        # activations / compute
+  param_dtype: str = "float32"  # stored weights
+  scan_layers: bool = True      # False unrolls the layer loop (debugging only)
+
+  def __post_init__(self):
+    if isinstance(self.rope_scaling, Mapping):  # accept dicts from yaml / HF, store hashable
+      object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_dim", "max_position"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+        raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"ModelConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+          f"({self.num_kv_heads}): each KV head serves a whole group of query heads")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ConfigError(f"ModelConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+    if self.head_dim % 2:
+      raise ConfigError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.rope_type not in _ROPE_TYPES:
+      raise ConfigError(
+          f"ModelConfig.rope_scaling rope_type {self.rope_type!r} is not supported; "
+          f"supported: {_ROPE_TYPES}")
+
+  @property
+  def rope_type(self) -> str:
+    scaling = dict(self.rope_scaling or ())
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+  @property
+  def group_size(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
+    """Translate an HF `config.json` dict (Llama 2/3/3.1/3.2, Mistral)."""
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "mistral"):
+      raise ConfigError(
+          f"config.json model_type {model_type!r} is not supported: ag-jax reads Llama-family "
+          "checkpoints (model_type 'llama' or 'mistral')")
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size"):
+      if field not in hf:
+        raise ConfigError(f"config.json is missing the field {field!r}")
+    heads = hf["num_attention_heads"]
+    scaling = hf.get("rope_scaling")
+    # transformers 5 moved rope settings into `rope_parameters` (theta included).
+    rope_params = hf.get("rope_parameters") or {}
+    if scaling is None and rope_params.get("rope_type", "default") != "default":
+      scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    if scaling is not None:
+      scaling = dict(scaling)
+      kind = scaling.get("rope_type", scaling.get("type", "default"))
+      if kind not in _ROPE_TYPES:
+        raise ConfigError(
+            f"config.json rope_scaling type {kind!r} is not supported; supported: {_ROPE_TYPES}")
+      if kind == "default":
+        scaling = None
+    if hf.get("hidden_act", "silu") != "silu":
+      raise ConfigError(f"config.json hidden_act {hf['hidden_act']!r} is not supported (need 'silu')")
+    kw = dict(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        mlp_dim=hf["intermediate_size"],
+        rope_theta=float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+        rope_scaling=scaling,
+        rms_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position=int(hf.get("max_position_embeddings", 4096)),
+    )
+    kw.update(overrides)
+    return cls(**kw)
+
+
+_GATE_KINDS = ("attention", "linear")
+_EVICTION_LOSSES = ("hinge", "l2", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+  """The Attention-Gate before each attention layer (DESIGN §1)."""
+
+  kind: str = "attention"
+  num_heads: int = 4
+  head_dim: int = 32
+  threshold: float = 0.5
+  init_keep_prob: float = 0.95
+  window: int | None = None       # the gate attends to the last `window` tokens; None = all
+  target_keep: float = 0.5        # rho
+  eviction_weight: float = 1.0    # lambda
+  eviction_loss: str = "hinge"
+
+  def __post_init__(self):
+    if self.kind not in _GATE_KINDS:
+      raise ConfigError(f"GateConfig.kind must be one of {_GATE_KINDS}, got {self.kind!r}")
+    if self.eviction_loss not in _EVICTION_LOSSES:
+      raise ConfigError(
+          f"GateConfig.eviction_loss must be one of {_EVICTION_LOSSES}, got {self.eviction_loss!r}")
+    if not 0.0 < self.target_keep <= 1.0:
+      raise ConfigError(f"GateConfig.target_keep must be in (0, 1], got {self.target_keep}")
+    if not 0.0 < self.threshold < 1.0:
+      raise ConfigError(f"GateConfig.threshold must be in (0, 1), got {self.threshold}")
+    if not 0.0 < self.init_keep_prob < 1.0:
+      raise ConfigError(f"GateConfig.init_keep_prob must be in (0, 1), got {self.init_keep_prob}")
+    if self.num_heads <= 0 or self.head_dim <= 0 or self.head_dim % 2:
+      raise ConfigError(
+          f"GateConfig.num_heads must be positive and head_dim positive and even, got "
+          f"{self.num_heads} x {self.head_dim}")
+    if self.window is not None and self.window <= 0:
+      raise ConfigError(f"GateConfig.window must be a positive integer or null, got {self.window}")
+    if self.eviction_weight < 0:
+      raise ConfigError(f"GateConfig.eviction_weight must be >= 0, got {self.eviction_weight}")
+
+
+# ---------------------------------------------------------------------------------------------
+# yaml + key=value overrides into (nested) dataclasses
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+  """`["a.b=3", "c=null"]` -> `{"a": {"b": 3}, "c": None}` (values parsed as yaml scalars)."""
+  out: dict[str, Any] = {}
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    node = out
+    *parents, leaf = key.strip().split(".")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+  return out
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+  out = dict(base)
+  for k, v in update.items():
+    if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+      out[k] = merge(out[k], v)
+    else:
+      out[k] = v
+  return out
+
+
+def _unwrap_optional(tp):
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1:
+      return args[0]
+  return tp
+
+
+def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
+  """Build dataclass `cls` from a dict, recursing into dataclass-typed fields.
+
+  Unknown keys are rejected with the list of valid ones, so a typo never passes silently.
+  """
+  data = dict(data or {})
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - set(fields))
+  if unknown:
+    raise ConfigError(
+        f"unknown config key{'s' if len(unknown) > 1 else ''} "
+        f"{', '.join(where + k for k in unknown)}; valid keys{' under ' + where[:-1] if where else ''}: "
+        f"{', '.join(sorted(fields))}")
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for name, value in data.items():
+    tp = _unwrap_optional(hints[name])
+    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+      value = from_dict(tp, value, where=f"{where}{name}.")
+    elif tp is float and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    elif tp is tuple or typing.get_origin(tp) is tuple:
+      value = tuple(value) if isinstance(value, list) else value
+    kwargs[name] = value
+  try:
+    return cls(**kwargs)
+  except TypeError as e:  # a required field is missing
+    raise ConfigError(f"{where or cls.__name__ + ': '}{e}") from None
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  with open(path) as f:
+    data = yaml.safe_load(f) or {}
+  if not isinstance(data, Mapping):
+    raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+  return dict(data)
+
+
+def load(path: str, overrides: Sequence[str] = (), cls=ModelConfig):
+  """Load a yaml file into `cls` (ModelConfig by default) with `key=value` overrides."""
+  return from_dict(cls, merge(read_yaml(path), parse_overrides(overrides)))
+
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                          "models")
+
+
+def preset(name: str, overrides: Sequence[str] = ()) -> ModelConfig:
+  """A model preset by name (`configs/models/<name>.yaml`) or yaml path."""
+  path = name if name.endswith((".yaml", ".yml")) else os.path.join(PRESET_DIR, f"{name}.yaml")
+  if not os.path.exists(path):
+    known = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml")) \
+        if os.path.isdir(PRESET_DIR) else []
+    raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(known)}")
+  return load(path, overrides)

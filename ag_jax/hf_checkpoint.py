@@ -1,0 +1,177 @@
+"""Load HF Llama-family checkpoints (config.json + *.safetensors, sharded or not) into our tree.
+
+Tensor by tensor: each HF tensor is read, transposed to our layout and copied into its
+slot of a preallocated stacked [layers, ...] host array, so host memory holds the model
+once (plus one tensor), never two copies. Only safetensors and JSON are read: no pickle,
+no code from the checkpoint is executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from ag_jax.config import ConfigError, ModelConfig
+
+
+class CheckpointError(ValueError):
+  """The checkpoint does not match what ag-jax expects; the message names the tensor."""
+
+
+# HF layer tensor suffix -> (our path inside params["layers"], transform of the HF matrix).
+def _layer_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray]]]:
+  e, n, k, h = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  return {
+      "self_attn.q_proj.weight": (("attn", "q"), lambda w: w.T.reshape(e, n, h)),
+      "self_attn.k_proj.weight": (("attn", "k"), lambda w: w.T.reshape(e, k, h)),
+      "self_attn.v_proj.weight": (("attn", "v"), lambda w: w.T.reshape(e, k, h)),
+      "self_attn.o_proj.weight": (("attn", "o"), lambda w: w.T.reshape(n, h, e)),
+      "mlp.gate_proj.weight": (("mlp", "wi_0"), lambda w: w.T),
+      "mlp.up_proj.weight": (("mlp", "wi_1"), lambda w: w.T),
+      "mlp.down_proj.weight": (("mlp", "wo"), lambda w: w.T),
+      "input_layernorm.weight": (("attn_norm", "scale"), lambda w: w),
+      "post_attention_layernorm.weight": (("mlp_norm", "scale"), lambda w: w),
+  }
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+  """The base model's parameter shapes (no gate), as a nested dict of tuples."""
+  e, n, k, h, f, v, L = (cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim,
+                         cfg.vocab_size, cfg.num_layers)
+  shapes = {
+      "embed": (v, e),
+      "final_norm": {"scale": (e,)},
+      "layers": {
+          "attn": {"q": (L, e, n, h), "k": (L, e, k, h), "v": (L, e, k, h), "o": (L, n, h, e)},
+          "attn_norm": {"scale": (L, e)},
+          "mlp_norm": {"scale": (L, e)},
+          "mlp": {"wi_0": (L, e, f), "wi_1": (L, e, f), "wo": (L, f, e)},
+      },
+  }
+  if not cfg.tie_embeddings:
+    shapes["lm_head"] = (e, v)
+  return shapes
+
+
+def read_config(path: str) -> dict:
+  file = os.path.join(path, "config.json")
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+  if not os.path.exists(file):
+    raise CheckpointError(f"{path!r} has no config.json: pass a local HF model directory")
+  with open(file) as f:
+    return json.load(f)
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+  """HF tensor name -> safetensors file holding it."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+  single = os.path.join(path, "model.safetensors")
+  if not os.path.exists(single):
+    raise CheckpointError(
+        f"{path!r} has neither model.safetensors nor model.safetensors.index.json "
+        "(only safetensors checkpoints are read; convert .bin files with transformers first)")
+  with safe_open(single, "numpy") as f:
+    return {name: single for name in f.keys()}
+
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def load_hf_llama(path: str, dtype=jnp.float32, shardings=None) -> tuple[ModelConfig, dict]:
+  """Read a local HF Llama/Mistral directory -> (ModelConfig, params).
+
+  `dtype` is the dtype of the weights (and of the computation). `shardings`, a pytree
+  matching the params (e.g. from `ag_jax.sharding`), places each stacked array straight
+  onto its devices.
+  """
+  hf = read_config(path)
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf.get(flag):
+      raise ConfigError(f"config.json sets {flag}=true: biases are not supported for Llama models")
+  dtype_name = jnp.dtype(dtype).name
+  cfg = ModelConfig.from_hf(hf, dtype=dtype_name, param_dtype=dtype_name)
+  np_dtype = _NP_DTYPES[dtype_name]
+  shapes = param_shapes(cfg)
+  host = jax.tree_util.tree_map(lambda s: np.empty(s, np_dtype), shapes,
+                                is_leaf=lambda s: isinstance(s, tuple))
+  filled = {}  # our (path, layer) -> HF name, to catch duplicates and missing tensors
+
+  def store(hf_name: str, where: tuple[str, ...], layer: int | None, value: np.ndarray):
+    target = host
+    for key in where[:-1]:
+      target = target[key]
+    expected = target[where[-1]].shape[1:] if layer is not None else target[where[-1]].shape
+    if value.shape != expected:
+      raise CheckpointError(
+          f"tensor {hf_name!r} has shape {tuple(value.shape)} after conversion, expected "
+          f"{tuple(expected)} from config.json (does the config match the weights?)")
+    if layer is None:
+      target[where[-1]][...] = value
+    else:
+      target[where[-1]][layer] = value
+    filled[(where, layer)] = hf_name
+
+  layer_map = _layer_map(cfg)
+  files = _tensor_files(path)
+  by_file: dict[str, list[str]] = {}
+  for name, file in files.items():
+    by_file.setdefault(file, []).append(name)
+  layer_re = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+  for file, names in sorted(by_file.items()):
+    if not os.path.exists(file):
+      raise CheckpointError(f"the index names {os.path.basename(file)!r}, which is missing in {path!r}")
+    with safe_open(file, "numpy") as f:
+      for name in sorted(names):
+        if _IGNORED.match(name):
+          continue
+        m = layer_re.match(name)
+        if m and m.group(2) in layer_map and int(m.group(1)) < cfg.num_layers:
+          where, convert = layer_map[m.group(2)]
+          store(name, ("layers",) + where, int(m.group(1)), convert(f.get_tensor(name)).astype(np_dtype))
+        elif name == "model.embed_tokens.weight":
+          store(name, ("embed",), None, f.get_tensor(name).astype(np_dtype))
+        elif name == "model.norm.weight":
+          store(name, ("final_norm", "scale"), None, f.get_tensor(name).astype(np_dtype))
+        elif name == "lm_head.weight" and not cfg.tie_embeddings:
+          store(name, ("lm_head",), None, f.get_tensor(name).T.astype(np_dtype))
+        elif name == "lm_head.weight":
+          continue  # tied checkpoints may still carry a copy of the embedding
+        else:
+          raise CheckpointError(
+              f"unexpected tensor {name!r} in {os.path.basename(file)}: not part of a "
+              f"{cfg.num_layers}-layer Llama (wrong model type or config.json?)")
+
+  expected = [(("embed",), None), (("final_norm", "scale"), None)]
+  expected += [] if cfg.tie_embeddings else [(("lm_head",), None)]
+  expected += [(("layers",) + where, i) for where, _ in layer_map.values() for i in range(cfg.num_layers)]
+  missing = [w for w in expected if w not in filled]
+  if missing:
+    where, layer = missing[0]
+    hf_name = {("embed",): "model.embed_tokens.weight", ("final_norm", "scale"): "model.norm.weight",
+               ("lm_head",): "lm_head.weight"}.get(where)
+    if hf_name is None:
+      suffix = next(s for s, (w, _) in layer_map.items() if ("layers",) + w == where)
+      hf_name = f"model.layers.{layer}.{suffix}"
+    raise CheckpointError(f"tensor {hf_name!r} is missing from {path!r} ({len(missing)} missing in all)")
+
+  # Move leaf by leaf, dropping each host array as soon as it is on its devices.
+  leaves, treedef = jax.tree_util.tree_flatten(host)
+  del host
+  targets = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
+  for i, target in enumerate(targets):
+    leaves[i] = jnp.asarray(leaves[i]) if target is None else jax.device_put(leaves[i], target)
+  return cfg, jax.tree_util.tree_unflatten(treedef, leaves)

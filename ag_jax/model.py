@@ -1,0 +1,149 @@
+"""The Llama-family decoder in flax.linen, with an optional Attention-Gate before each layer.
+
+`Llama(cfg, gate=None)` is functional: parameters are a plain pytree and `apply` is pure.
+Layers run under `nn.scan` (parameters stacked on a leading `layers` axis) so compile time
+does not grow with depth; `cfg.scan_layers=False` unrolls the same scan for debugging.
+
+Three views of the same function (DESIGN §1, §2):
+  * `__call__`  training view: whole sequences, hard gate flags with a straight-through
+                 gradient, packed segments.
+  * `prefill`   the training view on right-padded prompts that also fills the evicting cache.
+  * `decode`    one token per sequence against the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ag_jax.attention import Attention, allowed_mask
+from ag_jax.config import GateConfig, ModelConfig
+from ag_jax.gate import Gate, straight_through
+from ag_jax.layers import MLP, RMSNorm, dtype_of, normal, param
+from ag_jax.rope import inverse_frequencies
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@flax.struct.dataclass
+class LayerContext:
+  """What every layer needs besides its own weights; broadcast through the layer scan."""
+
+  positions: jnp.ndarray          # [B, T] int32
+  allowed: jnp.ndarray            # [B, T, S] bool: causal and same segment
+  gate_allowed: jnp.ndarray       # [B, T, S] bool: as `allowed`, within the gate window
+  mode: str = flax.struct.field(pytree_node=False, default="train")
+  extra: Any = None               # mode-specific inputs (see ag_jax.inference)
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+  gate: GateConfig | None = None
+
+  def setup(self):
+    cfg = self.cfg
+    self.attn_norm = RMSNorm(cfg.rms_eps, cfg.param_dtype)
+    self.attn = Attention(cfg)
+    self.mlp_norm = RMSNorm(cfg.rms_eps, cfg.param_dtype)
+    self.mlp = MLP(cfg.dim, cfg.mlp_dim, cfg.dtype, cfg.param_dtype)
+    if self.gate is not None:
+      self.evict_gate = Gate(self.gate, cfg.dim, cfg.num_kv_heads, name="gate")
+    self.inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
+    if self.gate is not None and self.gate.kind == "attention":
+      self.gate_inv_freq = inverse_frequencies(self.gate.head_dim, cfg.rope_theta,
+                                               dict(cfg.rope_scaling or ()))
+
+  def mlp_block(self, x):
+    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+
+  def gate_probs(self, h, ctx: LayerContext, return_kv: bool = False):
+    """Keep probabilities [B, K, T] (fp32) from the normalised states h [B, T, E]."""
+    gate_freq = getattr(self, "gate_inv_freq", None)
+    out = self.evict_gate(h, ctx.positions, ctx.gate_allowed, gate_freq, return_kv=return_kv)
+    logits, gate_kv = out if return_kv else (out, None)
+    prob = jax.nn.sigmoid(logits).transpose(0, 2, 1)  # [B, K, T]
+    return (prob, gate_kv) if return_kv else prob
+
+  def __call__(self, x, ctx: LayerContext, forced_keep):
+    if ctx.mode != "train":
+      from ag_jax import inference  # the cache-filling views live beside the cache
+      return inference.layer_step(self, x, ctx, forced_keep)
+    # x [B, T, E]; forced_keep None or [B, K, T] bool.
+    h = self.attn_norm(x)
+    if self.gate is not None:
+      prob = self.gate_probs(h, ctx)  # [B, K, T]
+      flags = prob > self.gate.threshold
+      keep = straight_through(prob, self.gate.threshold)
+    else:
+      prob = flags = keep = None
+    if forced_keep is not None:
+      flags = forced_keep.astype(bool)
+      keep = flags.astype(jnp.float32)
+    x = x + self.attn(h, ctx.positions, ctx.allowed, self.inv_freq, keep).astype(x.dtype)
+    return self.mlp_block(x), (prob, flags)
+
+
+class Llama(nn.Module):
+  cfg: ModelConfig
+  gate: GateConfig | None = None
+  remat: str = "none"
+
+  def setup(self):
+    cfg = self.cfg
+    pd = dtype_of(cfg.param_dtype)
+    self.embedding = param(self, "embed", normal(1.0), (cfg.vocab_size, cfg.dim),
+                           ("vocab", "embed"), pd)
+    layer = DecoderLayer
+    if REMAT_POLICIES.get(self.remat, "missing") == "missing":
+      raise ValueError(f"unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    if self.remat != "none":
+      layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
+    self.layers = nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+        unroll=1 if cfg.scan_layers else cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.gate, name="layers")
+    self.final_norm = RMSNorm(cfg.rms_eps, cfg.param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = param(self, "lm_head", normal(), (cfg.dim, cfg.vocab_size),
+                           ("embed", "vocab"), pd)
+
+  def embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
+    return jnp.take(self.embedding, tokens, axis=0).astype(dtype_of(self.cfg.dtype))
+
+  def logits(self, x: jnp.ndarray) -> jnp.ndarray:
+    """x [B, T, E] -> fp32 logits [B, T, V]."""
+    x = self.final_norm(x)
+    head = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
+    return jnp.einsum("BTE,EV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+  def context(self, positions, segment_ids, mode="train", extra=None) -> LayerContext:
+    allowed = allowed_mask(segment_ids, segment_ids, positions, positions)
+    window = self.gate.window if self.gate is not None else None
+    gate_allowed = allowed if window is None else allowed_mask(
+        segment_ids, segment_ids, positions, positions, window)
+    return LayerContext(positions, allowed, gate_allowed, mode, extra)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, keep=None, return_gates=False):
+    """Training view. tokens int32 [B, T] -> logits [B, T, V] (fp32).
+
+    positions [B, T] (default 0..T-1), segment_ids [B, T] (default all 1: one document;
+    packed documents never attend to each other), keep [layers, B, K, T] bool forces the
+    flags instead of the gates. return_gates adds (probs, flags), each [layers, B, K, T]
+    (probs is None without a gate).
+    """
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
+    segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+    x, (probs, flags) = self.layers(self.embed(tokens), self.context(positions, segment_ids), keep)
+    logits = self.logits(x)
+    return (logits, (probs, flags)) if return_gates else logits
