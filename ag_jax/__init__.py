@@ -2,10 +2,10 @@
 
 from ag_jax.config import ConfigError, GateConfig, ModelConfig
 from ag_jax.hf_checkpoint import CheckpointError, load_hf_llama
-from ag_jax.model import Llama
+from ag_jax.model import Llama, init_variables, logical_axes
 from ag_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     "ByteTokenizer", "CheckpointError", "ConfigError", "GateConfig", "HFTokenizer", "Llama",
-    "ModelConfig", "load_hf_llama", "load_tokenizer",
+    "ModelConfig", "init_variables", "load_hf_llama", "load_tokenizer", "logical_axes",
 ]

@@ -147,3 +147,15 @@ class Llama(nn.Module):
     x, (probs, flags) = self.layers(self.embed(tokens), self.context(positions, segment_ids), keep)
     logits = self.logits(x)
     return (logits, (probs, flags)) if return_gates else logits
+
+
+def init_variables(model: Llama, rng: jax.Array) -> dict:
+  """Random variables as plain arrays ({"params": ...}), logical-axis boxes removed."""
+  init = jax.jit(lambda key: nn.meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32))))
+  return init(rng)
+
+
+def logical_axes(model: Llama) -> dict:
+  """The logical axis names of every parameter, as a pytree of PartitionSpecs (no compute)."""
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  return nn.get_partition_spec(abstract)

@@ -30,3 +30,26 @@ def tiny_gate() -> GateConfig:
 
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+def spread_variables(model, seed: int = 0, scale: float = 0.3) -> dict:
+  """Model variables with base weights large enough that attention patterns matter.
+
+  Default inits (std 0.02) make attention nearly uniform and logits nearly constant, so a
+  wrong mask would hide under tolerance; base matrices become N(0, scale), norm scales
+  1 + N(0, 0.1). Gate parameters keep their init (bias -> p ~ init_keep_prob).
+  """
+  import ag_jax
+  import numpy as np
+  variables = ag_jax.init_variables(model, jax.random.key(seed))
+  rng = np.random.RandomState(seed + 1000)
+
+  def spread(path, x):
+    keys = [getattr(k, "key", "") for k in path]
+    if "gate" in keys:
+      return x
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    value = 1.0 + 0.1 * noise if keys[-1] == "scale" else scale * noise
+    return jax.numpy.asarray(value, x.dtype)
+
+  return jax.tree_util.tree_map_with_path(spread, variables)

@@ -73,7 +73,7 @@ def test_unrolled_layers_equal_scanned(tmp_path):
 def test_packed_segments_equal_separate_runs(tiny_cfg):
   import jax
   model = ag_jax.Llama(tiny_cfg)
-  variables = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+  variables = ag_jax.init_variables(model, jax.random.key(1))
   rng = np.random.RandomState(1)
   doc_a, doc_b = rng.randint(0, 64, 7), rng.randint(0, 64, 9)
   packed = np.concatenate([doc_a, doc_b])[None]

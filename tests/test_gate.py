@@ -1,0 +1,129 @@
+"""The gate and the training view of gated attention (DESIGN §1)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ag_jax
+from ag_jax.gate import straight_through
+import numpy_reference
+from conftest import spread_variables
+
+
+@pytest.fixture(scope="module")
+def gated(tiny_cfg, tiny_gate):
+  model = ag_jax.Llama(tiny_cfg, gate=tiny_gate)
+  return model, spread_variables(model, seed=0)
+
+
+TOKENS = jnp.asarray(np.random.RandomState(3).randint(0, 64, size=(2, 12)))
+
+
+def test_straight_through_forward_is_exactly_hard_and_backward_is_identity():
+  prob = jnp.asarray(np.random.RandomState(0).uniform(size=1000), jnp.float32)
+  hard = straight_through(prob, 0.5)
+  assert set(np.unique(np.asarray(hard)).tolist()) <= {0.0, 1.0}
+  np.testing.assert_array_equal(np.asarray(hard), np.asarray(prob > 0.5, np.float32))
+  grad = jax.grad(lambda p: jnp.sum(straight_through(p, 0.5) * jnp.arange(1000.0)))(prob)
+  np.testing.assert_array_equal(np.asarray(grad), np.arange(1000.0))
+
+
+def test_untrained_gate_keeps_almost_everything(gated):
+  model, variables = gated
+  _, (probs, flags) = model.apply(variables, TOKENS, return_gates=True)
+  assert probs.shape == flags.shape == (2, 2, 2, 12)  # [layers, B, kv_heads, T]
+  assert abs(float(probs.mean()) - 0.95) < 0.02 and bool(flags.all())
+
+
+def test_all_flags_one_equals_plain_llama(gated, tiny_cfg):
+  model, variables = gated
+  plain = ag_jax.Llama(tiny_cfg).apply(variables, TOKENS)
+  ones = jnp.ones((2, 2, 2, 12), bool)
+  forced = model.apply(variables, TOKENS, keep=ones)
+  untrained = model.apply(variables, TOKENS)  # flags all 1 at init
+  np.testing.assert_allclose(np.asarray(forced), np.asarray(plain), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(untrained), np.asarray(plain), atol=1e-5)
+
+
+def test_random_forced_flags_match_numpy_reference(gated, tiny_cfg):
+  model, variables = gated
+  keep = np.random.RandomState(5).uniform(size=(2, 2, 2, 12)) < 0.5  # [L, B, K, T]
+  ours = np.asarray(model.apply(variables, TOKENS, keep=jnp.asarray(keep)))
+  for b in range(2):
+    ref = numpy_reference.forward(variables["params"], tiny_cfg, np.asarray(TOKENS[b]), keep[:, b])
+    np.testing.assert_allclose(ours[b], ref, atol=1e-4)
+  # The flags matter: all-kept logits differ.
+  plain = np.asarray(model.apply(variables, TOKENS, keep=jnp.ones_like(keep)))
+  assert np.abs(plain - ours).max() > 1e-2
+
+
+def test_gradients_reach_every_gate_parameter_and_are_finite(gated):
+  model, variables = gated
+  params = variables["params"]
+  # Bias the gates to about half kept, so flags (and the STE path) are mixed.
+  params = jax.tree_util.tree_map(lambda x: x, params)
+  params["layers"]["gate"]["bias"] = jnp.zeros_like(params["layers"]["gate"]["bias"])
+  weights = jax.random.normal(jax.random.key(1), (2, 12, 64))
+
+  def loss(gate_params):
+    p = {**params, "layers": {**params["layers"], "gate": gate_params}}
+    return jnp.sum(model.apply({"params": p}, TOKENS) * weights)
+
+  grads = jax.grad(loss)(params["layers"]["gate"])
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    g = np.asarray(g)
+    assert np.isfinite(g).all(), path
+    assert np.abs(g).max() > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+
+
+def test_gate_is_causal_and_respects_window(tiny_cfg):
+  gate = ag_jax.GateConfig(num_heads=2, head_dim=8, window=4)
+  model = ag_jax.Llama(tiny_cfg, gate=gate)
+  variables = spread_variables(model, seed=2)
+  base = np.random.RandomState(0).randint(0, 64, size=(1, 12))
+  _, (p0, _) = model.apply(variables, jnp.asarray(base), return_gates=True)
+  future = base.copy()
+  future[0, 9] = (future[0, 9] + 1) % 64
+  _, (p1, _) = model.apply(variables, jnp.asarray(future), return_gates=True)
+  np.testing.assert_array_equal(np.asarray(p0[..., :9]), np.asarray(p1[..., :9]))
+  assert np.abs(np.asarray(p0[..., 9:] - p1[..., 9:])).max() > 0
+  # Layer 0's gate at position 8 sees positions 5..8 only (window 4): position 2 is invisible.
+  past = base.copy()
+  past[0, 2] = (past[0, 2] + 1) % 64
+  _, (p2, _) = model.apply(variables, jnp.asarray(past), return_gates=True)
+  np.testing.assert_allclose(np.asarray(p0[0, ..., 6:]), np.asarray(p2[0, ..., 6:]), atol=1e-6)
+  assert np.abs(np.asarray(p0[0, ..., 2:6] - p2[0, ..., 2:6])).max() > 0
+
+
+def test_linear_gate_and_packed_segments(tiny_cfg):
+  gate = ag_jax.GateConfig(kind="linear", init_keep_prob=0.6)
+  model = ag_jax.Llama(tiny_cfg, gate=gate)
+  variables = spread_variables(model, seed=4)
+  variables["params"]["layers"]["gate"]["out"] = 3.0 * variables["params"]["layers"]["gate"]["out"]
+  assert set(variables["params"]["layers"]["gate"]) == {"out", "bias"}
+  rng = np.random.RandomState(1)
+  a, b = rng.randint(0, 64, 6), rng.randint(0, 64, 10)
+  packed = jnp.asarray(np.concatenate([a, b])[None])
+  seg = jnp.asarray([[1] * 6 + [2] * 10])
+  pos = jnp.asarray([list(range(6)) + list(range(10))])
+  out, (_, flags) = model.apply(variables, packed, pos, seg, return_gates=True)
+  assert 0 < float(flags.mean()) < 1  # some tokens evicted: the segments test means something
+  alone_b = model.apply(variables, jnp.asarray(b[None]))
+  np.testing.assert_allclose(np.asarray(out[0, 6:]), np.asarray(alone_b[0]), atol=1e-5)
+
+
+def test_gate_params_are_separate_and_small(gated, tiny_cfg):
+  _, variables = gated
+  params = variables["params"]
+  gate_size = sum(x.size for x in jax.tree_util.tree_leaves(params["layers"]["gate"]))
+  total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  assert 0 < gate_size < total
+  # The base model's params are exactly the plain Llama's.
+  plain = ag_jax.init_variables(ag_jax.Llama(tiny_cfg), jax.random.key(0))
+  without_gate = {**params, "layers": {k: v for k, v in params["layers"].items() if k != "gate"}}
+  assert jax.tree_util.tree_structure(without_gate) == jax.tree_util.tree_structure(
+      jax.tree_util.tree_map(lambda x: x, plain["params"]))
+  assert dataclasses.is_dataclass(tiny_cfg)
