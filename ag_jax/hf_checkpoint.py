@@ -175,3 +175,59 @@ def load_hf_llama(path: str, dtype=jnp.float32, shardings=None) -> tuple[ModelCo
   for i, target in enumerate(targets):
     leaves[i] = jnp.asarray(leaves[i]) if target is None else jax.device_put(leaves[i], target)
   return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_hf_llama(path: str, cfg: ModelConfig, params: dict) -> None:
+  """Write params as an HF Llama directory (config.json + model.safetensors) that
+  `load_hf_llama` and `transformers.LlamaForCausalLM.from_pretrained` both read.
+
+  Gate parameters, if present, are not part of an HF checkpoint and are skipped
+  (export them with `ag_jax.checkpoint.export_gates`). Written to a temp dir, then renamed.
+  """
+  import shutil
+  import tempfile
+
+  from safetensors.numpy import save_file
+
+  e, n, k, h = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  inverse = {  # our layout -> HF [out, in] matrices
+      ("attn", "q"): lambda w: w.reshape(e, n * h).T,
+      ("attn", "k"): lambda w: w.reshape(e, k * h).T,
+      ("attn", "v"): lambda w: w.reshape(e, k * h).T,
+      ("attn", "o"): lambda w: w.reshape(n * h, e).T,
+      ("mlp", "wi_0"): lambda w: w.T, ("mlp", "wi_1"): lambda w: w.T, ("mlp", "wo"): lambda w: w.T,
+      ("attn_norm", "scale"): lambda w: w, ("mlp_norm", "scale"): lambda w: w,
+  }
+  tensors = {}
+  host = lambda x: np.ascontiguousarray(np.asarray(x))  # noqa: E731
+  for suffix, (where, _) in _layer_map(cfg).items():
+    stacked = params["layers"][where[0]][where[1]]
+    for i in range(cfg.num_layers):
+      tensors[f"model.layers.{i}.{suffix}"] = host(inverse[where](np.asarray(stacked[i])))
+  tensors["model.embed_tokens.weight"] = host(params["embed"])
+  tensors["model.norm.weight"] = host(params["final_norm"]["scale"])
+  if not cfg.tie_embeddings:
+    tensors["lm_head.weight"] = host(np.asarray(params["lm_head"]).T)
+  scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+  hf_config = {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.dim, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_dim, "hidden_act": "silu",
+      "rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rms_norm_eps": cfg.rms_eps,
+      "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_position,
+      "attention_bias": False, "mlp_bias": False, "torch_dtype": cfg.param_dtype,
+  }
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+  try:
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -152,3 +152,17 @@ def test_error_not_a_checkpoint(tmp_path):
     ag_jax.load_hf_llama(str(tmp_path))
   with pytest.raises(CheckpointError, match="does not exist"):
     ag_jax.load_hf_llama(str(tmp_path / "nope"))
+
+
+def test_save_hf_llama_roundtrips_through_transformers(tiny_cfg, tmp_path):
+  import transformers
+  from conftest import spread_variables
+  model = ag_jax.Llama(tiny_cfg)
+  params = spread_variables(model, seed=7, scale=0.15)["params"]
+  ag_jax.save_hf_llama(str(tmp_path / "out"), tiny_cfg, params)
+  hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
+  tokens = np.random.RandomState(2).randint(0, 64, (2, 10))
+  ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
+  assert np.abs(ours - hf_logits(hf.eval(), tokens)).max() < 1e-4
+  cfg2, params2 = ag_jax.load_hf_llama(str(tmp_path / "out"))
+  assert cfg2 == tiny_cfg
