@@ -1,11 +1,16 @@
 """ag-jax: Attention-Gate learned KV-cache eviction for Llama-family models in JAX/Flax."""
 
+from ag_jax import policies
+from ag_jax.cache import KVCache
+from ag_jax.checkpoint import export_gates, load_gates
 from ag_jax.config import ConfigError, GateConfig, ModelConfig
+from ag_jax.engine import GenerateResult, InferenceError, decode_step, generate, prefill
 from ag_jax.hf_checkpoint import CheckpointError, load_hf_llama, save_hf_llama
 from ag_jax.model import Llama, init_variables, logical_axes
 from ag_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
+    "GenerateResult", "InferenceError", "KVCache", "decode_step", "generate", "policies", "prefill",
     "ByteTokenizer", "CheckpointError", "ConfigError", "GateConfig", "HFTokenizer", "Llama",
-    "ModelConfig", "init_variables", "load_hf_llama", "save_hf_llama", "load_tokenizer", "logical_axes",
+    "ModelConfig", "export_gates", "init_variables", "load_gates", "load_hf_llama", "save_hf_llama", "load_tokenizer", "logical_axes",
 ]

@@ -20,6 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ag_jax import inference
 from ag_jax.attention import Attention, allowed_mask
 from ag_jax.config import GateConfig, ModelConfig
 from ag_jax.gate import Gate, straight_through
@@ -38,11 +39,16 @@ REMAT_POLICIES = {
 class LayerContext:
   """What every layer needs besides its own weights; broadcast through the layer scan."""
 
-  positions: jnp.ndarray          # [B, T] int32
-  allowed: jnp.ndarray            # [B, T, S] bool: causal and same segment
-  gate_allowed: jnp.ndarray       # [B, T, S] bool: as `allowed`, within the gate window
+  positions: jnp.ndarray | None = None     # [B, T] int32
+  allowed: jnp.ndarray | None = None       # [B, T, S] bool: causal and same segment
+  gate_allowed: jnp.ndarray | None = None  # [B, T, S] bool: as `allowed`, within the gate window
+  valid: jnp.ndarray | None = None         # [B, T] bool: prefill only, real prompt tokens
   mode: str = flax.struct.field(pytree_node=False, default="train")
-  extra: Any = None               # mode-specific inputs (see ag_jax.inference)
+  # Prefill only (decode reads them from the cache): see ag_jax.inference.
+  policy: Any = flax.struct.field(pytree_node=False, default=None)
+  capacity: int = flax.struct.field(pytree_node=False, default=0)
+  gate_slots: int = flax.struct.field(pytree_node=False, default=0)
+  backend: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class DecoderLayer(nn.Module):
@@ -75,7 +81,6 @@ class DecoderLayer(nn.Module):
 
   def __call__(self, x, ctx: LayerContext, forced_keep):
     if ctx.mode != "train":
-      from ag_jax import inference  # the cache-filling views live beside the cache
       return inference.layer_step(self, x, ctx, forced_keep)
     # x [B, T, E]; forced_keep None or [B, K, T] bool.
     h = self.attn_norm(x)
@@ -126,12 +131,12 @@ class Llama(nn.Module):
     head = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
     return jnp.einsum("BTE,EV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
-  def context(self, positions, segment_ids, mode="train", extra=None) -> LayerContext:
+  def context(self, positions, segment_ids, **static) -> LayerContext:
     allowed = allowed_mask(segment_ids, segment_ids, positions, positions)
     window = self.gate.window if self.gate is not None else None
     gate_allowed = allowed if window is None else allowed_mask(
         segment_ids, segment_ids, positions, positions, window)
-    return LayerContext(positions, allowed, gate_allowed, mode, extra)
+    return LayerContext(positions, allowed, gate_allowed, **static)
 
   def __call__(self, tokens, positions=None, segment_ids=None, keep=None, return_gates=False):
     """Training view. tokens int32 [B, T] -> logits [B, T, V] (fp32).
@@ -147,6 +152,39 @@ class Llama(nn.Module):
     x, (probs, flags) = self.layers(self.embed(tokens), self.context(positions, segment_ids), keep)
     logits = self.logits(x)
     return (logits, (probs, flags)) if return_gates else logits
+
+  def prefill(self, tokens, lengths, policy, capacity: int, gate_slots: int, backend=None,
+              all_logits: bool = False):
+    """Right-padded prompts tokens [B, T], lengths [B] -> (logits, per-layer cache arrays).
+
+    logits: [B, V] at each prompt's last token, or [B, T, V] with all_logits. The cache
+    arrays are stacked over layers; `ag_jax.engine.prefill` wraps them in a KVCache.
+    """
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    valid = positions < lengths[:, None]
+    ctx = self.context(positions, valid.astype(jnp.int32), mode="prefill", policy=policy,
+                       capacity=capacity, gate_slots=gate_slots, backend=backend)
+    ctx = ctx.replace(valid=valid)
+    x, layer_cache = self.layers(self.embed(tokens), ctx, None)
+    if not all_logits:  # only the last prompt token's hidden state goes through the head
+      x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+      return self.logits(x)[:, 0], layer_cache
+    return self.logits(x), layer_cache
+
+  def decode(self, tokens, cache, active=None):
+    """tokens [B] at cache.next_position -> (logits [B, V], cache after this token).
+
+    active [B] bool (default all): inactive rows (finished sequences) keep nothing and do
+    not advance, so their cache and statistics stay as they were.
+    """
+    active = jnp.ones(tokens.shape, bool) if active is None else active
+    ctx = LayerContext(mode="decode", valid=active)
+    x = self.embed(tokens[:, None])  # [B, 1, E]
+    (x, cache), _ = self.layers((x, cache), ctx, jnp.arange(self.cfg.num_layers))
+    step = active.astype(jnp.int32)
+    cache = cache.replace(next_position=cache.next_position + step, seen=cache.seen + step)
+    return self.logits(x)[:, 0], cache
 
 
 def init_variables(model: Llama, rng: jax.Array) -> dict:

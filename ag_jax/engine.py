@@ -1,0 +1,242 @@
+"""Batch inference with the evicting cache: `prefill`, `decode_step`, `generate` (DESIGN §4).
+
+`generate` is one jitted program: prefill, then a `lax.while_loop` over decode steps on a
+`flax.struct` state; no Python work per token. Prompts are right-padded with `lengths`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ag_jax.cache import KVCache, full_kv_nbytes, kept_ratio
+from ag_jax.model import Llama
+from ag_jax.policies import AttentionGate, Full, Policy
+from ag_jax.sampling import SamplingConfig, sample
+
+
+class InferenceError(ValueError):
+  """Bad inference input; the message says what is wrong and how to fix it."""
+
+
+def default_policy(model: Llama) -> Policy:
+  return AttentionGate() if model.gate is not None else Full()
+
+
+def resolve_capacity(policy: Policy, context: int, capacity: int | None = None,
+                     budget: float | None = None) -> int:
+  """Cache slots per (layer, sequence, KV head): `capacity`, or `budget` x context, or all."""
+  if capacity is not None and budget is not None:
+    raise InferenceError("give either capacity (tokens) or budget (a fraction), not both")
+  if budget is not None:
+    if not 0.0 < budget <= 1.0:
+      raise InferenceError(f"budget must be a fraction in (0, 1], got {budget}")
+    capacity = max(1, math.ceil(budget * context))
+  capacity = context if capacity is None else int(capacity)
+  if capacity < 1:
+    raise InferenceError(f"capacity must be at least 1 token, got {capacity}")
+  if not policy.evicts and capacity < context:
+    raise InferenceError(
+        f"the {policy.name} policy evicts nothing, so its cache needs capacity >= prompt + new "
+        f"tokens = {context}; got {capacity}. Raise --capacity/--budget or choose an evicting policy")
+  return min(capacity, context)
+
+
+def _check(model: Llama, policy: Policy, tokens: np.ndarray, lengths: np.ndarray):
+  if tokens.ndim != 2:
+    raise InferenceError(f"tokens must be [batch, time], got shape {tokens.shape}")
+  if lengths.shape != (tokens.shape[0],):
+    raise InferenceError(f"lengths must be [batch] = [{tokens.shape[0]}], got {lengths.shape}")
+  if (lengths < 1).any():
+    raise InferenceError(f"empty prompt in the batch (index {int(np.argmin(lengths))}): every "
+                         "prompt needs at least one token (e.g. BOS)")
+  if (lengths > tokens.shape[1]).any():
+    raise InferenceError("a prompt length exceeds the padded prompt width")
+  if policy.uses_gate and model.gate is None:
+    raise InferenceError(f"the {policy.name} policy needs gates, but the model has none: "
+                         "load trained gates (--gates) or choose another policy")
+
+
+def _gate_slots(model: Llama, context: int) -> int:
+  window = model.gate.window if model.gate is not None else None
+  return min(window, context) if window else context
+
+
+@functools.partial(jax.jit, static_argnames=("model", "policy", "capacity", "gate_slots",
+                                             "backend", "all_logits"))
+def _prefill(variables, tokens, lengths, *, model, policy, capacity, gate_slots, backend,
+             all_logits):
+  logits, layers = model.apply(variables, tokens, lengths, policy, capacity, gate_slots,
+                               backend, all_logits, method=Llama.prefill)
+  cache = KVCache(**layers, next_position=lengths.astype(jnp.int32),
+                  seen=lengths.astype(jnp.int32), policy=policy, backend=backend)
+  return logits, cache
+
+
+def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | None = None,
+            capacity: int | None = None, budget: float | None = None, max_new_tokens: int = 0,
+            backend: str | None = None, all_logits: bool = False):
+  """Right-padded prompts tokens [B, T] (lengths [B]) -> (logits, KVCache).
+
+  logits: [B, V] predicting each prompt's next token, or [B, T, V] with all_logits.
+  The cache has room for `capacity` kept tokens per row (or `budget` x (T + max_new_tokens)).
+  """
+  policy = policy or default_policy(model)
+  tokens = np.asarray(tokens, np.int32)
+  lengths = np.full(tokens.shape[:1], tokens.shape[1], np.int32) if lengths is None \
+      else np.asarray(lengths, np.int32)
+  _check(model, policy, tokens, lengths)
+  context = tokens.shape[1] + max_new_tokens
+  capacity = resolve_capacity(policy, context, capacity, budget)
+  return _prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), model=model,
+                  policy=policy, capacity=capacity, gate_slots=_gate_slots(model, context),
+                  backend=backend, all_logits=all_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _decode_step(variables, cache, next_tokens, *, model):
+  return model.apply(variables, next_tokens, cache, method=Llama.decode)
+
+
+def decode_step(model: Llama, variables, cache: KVCache, next_tokens):
+  """next_tokens [B] -> (logits [B, V], cache). The input cache is donated (updated in place)."""
+  return _decode_step(variables, cache, jnp.asarray(next_tokens, jnp.int32), model=model)
+
+
+@flax.struct.dataclass
+class DecodeState:
+  step: jnp.ndarray         # [] int32: tokens generated so far (all rows)
+  done: jnp.ndarray         # [B] bool: hit EOS
+  last_token: jnp.ndarray   # [B] int32: fed to the next decode step
+  tokens: jnp.ndarray       # [B, max_new_tokens] int32
+  generated: jnp.ndarray    # [B] int32: tokens generated per row, EOS included
+  cache: KVCache
+  rng: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("model", "policy", "capacity", "gate_slots", "backend",
+                                             "max_new_tokens", "sampling"))
+def _generate(variables, tokens, lengths, rng, eos_id, pad_id, *, model, policy, capacity,
+              gate_slots, backend, max_new_tokens, sampling):
+  logits, cache = _prefill(variables, tokens, lengths, model=model, policy=policy,
+                           capacity=capacity, gate_slots=gate_slots, backend=backend,
+                           all_logits=False)
+  rng, key = jax.random.split(rng)
+  first = sample(logits, key, sampling)
+  b = tokens.shape[0]
+  state = DecodeState(
+      step=jnp.int32(1), done=first == eos_id, last_token=first,
+      tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first),
+      generated=jnp.ones((b,), jnp.int32), cache=cache, rng=rng)
+
+  def cond(s: DecodeState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(s: DecodeState):
+    logits, cache = model.apply(variables, s.last_token, s.cache, ~s.done, method=Llama.decode)
+    rng, key = jax.random.split(s.rng)
+    token = jnp.where(s.done, pad_id, sample(logits, key, sampling))
+    return DecodeState(step=s.step + 1, done=s.done | (token == eos_id), last_token=token,
+                       tokens=s.tokens.at[:, s.step].set(token),
+                       generated=s.generated + (~s.done).astype(jnp.int32), cache=cache, rng=rng)
+
+  final = jax.lax.while_loop(cond, body, state)
+  return final.tokens, final.generated, final.cache
+
+
+@dataclasses.dataclass
+class GenerateResult:
+  tokens: np.ndarray        # [B, max_new_tokens] int32, pad after EOS
+  num_generated: np.ndarray  # [B] tokens generated per sequence (EOS included)
+  kept_ratio: np.ndarray    # [L, K] kept / seen tokens per layer and KV head (batch mean)
+  capacity: int             # kept-token slots per row
+  cache_bytes: int          # every cache buffer really allocated (kv + gate + bookkeeping)
+  kv_bytes: int             # the k and v buffers
+  gate_cache_bytes: int
+  full_kv_bytes: int        # k and v of a full cache for the same batch and context
+  policy: str
+  compile_seconds: float = 0.0  # 0 when this shape was compiled before
+  run_seconds: float = 0.0
+  cache: KVCache | None = None
+
+  @property
+  def tokens_per_second(self) -> float:
+    return float(self.num_generated.sum()) / max(self.run_seconds, 1e-9)
+
+  def texts(self, tokenizer) -> list[str]:
+    return [tokenizer.decode(row[:n]) for row, n in zip(self.tokens, self.num_generated)]
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> right-padded tokens [B, T] and lengths [B]."""
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  tokens = np.full((len(prompts), max(1, int(lengths.max(initial=1)))), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  return tokens, lengths
+
+
+def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
+             max_new_tokens: int = 32, capacity: int | None = None, budget: float | None = None,
+             sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int = -1,
+             pad_id: int = 0, backend: str | None = None, return_cache: bool = False,
+             lengths=None) -> GenerateResult:
+  """Generate for a batch of prompts (token lists, or tokens [B, T] with `lengths`)."""
+  if max_new_tokens < 1:
+    raise InferenceError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  policy = policy or default_policy(model)
+  if lengths is None and not isinstance(prompts, np.ndarray):
+    if any(len(p) == 0 for p in prompts):
+      raise InferenceError("empty prompt in the batch: every prompt needs at least one token")
+    tokens, lengths = pad_prompts(prompts, pad_id)
+  else:
+    tokens = np.asarray(prompts, np.int32)
+    lengths = np.full(tokens.shape[:1], tokens.shape[1], np.int32) if lengths is None \
+        else np.asarray(lengths, np.int32)
+  _check(model, policy, tokens, lengths)
+  context = tokens.shape[1] + max_new_tokens
+  if context > model.cfg.max_position:
+    raise InferenceError(f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
+                         f"{context} exceeds the model's max_position {model.cfg.max_position}")
+  capacity = resolve_capacity(policy, context, capacity, budget)
+  args = (variables, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+          jnp.int32(eos_id), jnp.int32(pad_id))
+  statics = dict(model=model, policy=policy, capacity=capacity,
+                 gate_slots=_gate_slots(model, context), backend=backend,
+                 max_new_tokens=max_new_tokens, sampling=sampling)
+  start = time.perf_counter()
+  compiled = _compile(_generate, args, statics)
+  compile_seconds = time.perf_counter() - start
+  out, generated, cache = jax.block_until_ready(compiled(*args))
+  run_seconds = time.perf_counter() - start - compile_seconds
+  cfg = model.cfg
+  return GenerateResult(
+      tokens=np.asarray(out), num_generated=np.asarray(generated),
+      kept_ratio=np.asarray(kept_ratio(cache)), capacity=capacity, cache_bytes=cache.nbytes,
+      kv_bytes=cache.kv_nbytes, gate_cache_bytes=cache.gate_nbytes,
+      full_kv_bytes=full_kv_nbytes(cfg.num_layers, tokens.shape[0], cfg.num_kv_heads,
+                                   cfg.head_dim, context, cfg.dtype),
+      policy=policy.describe(), compile_seconds=compile_seconds, run_seconds=run_seconds,
+      cache=cache if return_cache else None)
+
+
+_COMPILED: dict = {}
+
+
+def _compile(jitted, args, statics):
+  """Ahead-of-time compile once per (static arguments, argument shapes), so the time of a
+  call can be split into compilation and running."""
+  leaves, tree = jax.tree_util.tree_flatten(args)
+  key = (jitted, tuple(sorted(statics.items(), key=lambda kv: kv[0])), tree,
+         tuple((x.shape, str(x.dtype)) for x in leaves))
+  if key not in _COMPILED:
+    _COMPILED[key] = jitted.lower(*args, **statics).compile()
+  return _COMPILED[key]
