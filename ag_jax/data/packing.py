@@ -1,0 +1,155 @@
+"""Tokenize documents and pack them into fixed-length rows with segment ids.
+
+A row of `seq_len` tokens holds whole documents one after another ("segments", numbered
+1, 2, ... in the row; 0 is padding). Packing is greedy and in order: a document that does
+not fit in what is left of the row starts the next row, and the rest of the row is padding.
+Documents are never split across rows just to fill a row (that would cut a recall fact
+off from its query); only a document longer than `seq_len` is cut, into chunks of
+`seq_len` tokens with a stride of `seq_len - 1`. Each chunk is its own segment (positions
+restart at 0), and consecutive chunks share one token, so every next-token prediction of
+the document is trained exactly once.
+
+Per row (all [seq_len]):
+  tokens       int32   the input ids, pad_id on padding
+  targets      int32   tokens[t + 1] when t + 1 is in the same segment, else pad_id
+  positions    int32   0, 1, 2, ... restarting at each segment
+  segment_ids  int32   1, 2, ... per segment, 0 on padding
+  loss_mask    float32 1 where targets[t] is trained: never on padding or on a segment's
+                       last token; for SFT examples only where the target is a response
+                       token (so the last prompt token, which predicts the first response
+                       token, is trained, and no prompt token is ever a target)
+
+LM documents are `[bos] + text + [eos]`; SFT examples are `[bos] + prompt` followed by
+`response + [eos]`, tokenized separately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def _as_str(value) -> str:
+  if isinstance(value, (bytes, np.bytes_)):
+    return bytes(value).decode("utf-8")
+  if isinstance(value, np.ndarray) and value.shape == ():
+    return _as_str(value.item())
+  return str(value)
+
+
+def tokenize_example(example: dict, tokenizer, *, sft: bool = False, text_field: str = "text",
+                     prompt_field: str = "prompt",
+                     response_field: str = "response") -> tuple[np.ndarray, int]:
+  """(token ids int32, num_prompt): ids with index < num_prompt are never targets."""
+  if sft:
+    missing = [f for f in (prompt_field, response_field) if f not in example]
+    if missing:
+      raise KeyError(f"SFT example has no field(s) {missing}; it has {sorted(example)}")
+    prompt = tokenizer.encode(_as_str(example[prompt_field]), add_bos=True, add_eos=False)
+    response = tokenizer.encode(_as_str(example[response_field]), add_bos=False, add_eos=True)
+    return np.asarray(prompt + response, np.int32), len(prompt)
+  if text_field not in example:
+    raise KeyError(f"example has no field {text_field!r}; it has {sorted(example)}")
+  ids = tokenizer.encode(_as_str(example[text_field]), add_bos=True, add_eos=True)
+  return np.asarray(ids, np.int32), 0
+
+
+def build_row(pieces: Sequence[tuple[np.ndarray, int]], seq_len: int,
+              pad_id: int) -> dict[str, np.ndarray]:
+  """One packed row from (tokens, num_prompt) pieces whose lengths sum to <= seq_len."""
+  row = {k: np.zeros(seq_len, np.int32) for k in ROW_KEYS[:-1]}
+  row["tokens"][:] = pad_id
+  row["targets"][:] = pad_id
+  row["loss_mask"] = np.zeros(seq_len, np.float32)
+  start = 0
+  for segment, (tokens, num_prompt) in enumerate(pieces, start=1):
+    n, end = len(tokens), start + len(tokens)
+    if end > seq_len:
+      raise ValueError(f"pieces of {end} tokens do not fit in a row of {seq_len}")
+    row["tokens"][start:end] = tokens
+    row["targets"][start:end - 1] = tokens[1:]
+    row["positions"][start:end] = np.arange(n)
+    row["segment_ids"][start:end] = segment
+    # Target of position t is token t + 1: trained iff that token is past the prompt.
+    row["loss_mask"][start:end - 1] = np.arange(1, n) >= num_prompt
+    start = end
+  return row
+
+
+def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """[batch, seq_len] arrays from a list of rows."""
+  return {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
+
+
+@dataclasses.dataclass
+class Pending:
+  """The document being packed: `tokens[offset:]` is still to place. `ref` names it."""
+
+  ref: int
+  tokens: np.ndarray
+  num_prompt: int
+  offset: int = 0
+
+
+# A supplier returns the next document as (ref, tokens, num_prompt), or None when done.
+Supplier = Callable[[], "tuple[int, np.ndarray, int] | None"]
+
+
+class RowPacker:
+  """Greedy in-order packer; its only state between rows is `pending`."""
+
+  def __init__(self, seq_len: int, pad_id: int):
+    if seq_len < 2:
+      raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    self.seq_len, self.pad_id = seq_len, pad_id
+    self.pending: Pending | None = None
+
+  def _next_chunk(self) -> tuple[np.ndarray, int]:
+    p = self.pending
+    chunk = p.tokens[p.offset:p.offset + self.seq_len]
+    return chunk, max(0, p.num_prompt - p.offset)
+
+  def _advance(self) -> None:
+    p = self.pending
+    if p.offset + self.seq_len >= len(p.tokens):
+      self.pending = None
+    else:  # overlap one token so the boundary prediction is trained in the next chunk
+      p.offset += self.seq_len - 1
+
+  def next_row(self, supply: Supplier) -> dict[str, np.ndarray] | None:
+    """The next packed row, or None once `supply` is exhausted and nothing is pending."""
+    pieces, used = [], 0
+    while True:
+      if self.pending is None:
+        doc = supply()
+        if doc is None:
+          break
+        self.pending = Pending(*doc)
+      chunk, num_prompt = self._next_chunk()
+      if used + len(chunk) > self.seq_len:
+        break  # starts the next row
+      pieces.append((chunk, num_prompt))
+      used += len(chunk)
+      self._advance()
+    return build_row(pieces, self.seq_len, self.pad_id) if pieces else None
+
+
+def pack_documents(examples: Iterable[dict], tokenizer, seq_len: int, *,
+                   sft: bool = False, **fields) -> Iterator[dict[str, np.ndarray]]:
+  """Packed rows of a stream of examples, in order (no shuffling, one pass)."""
+  stream = iter(enumerate(examples))
+
+  def supply():
+    for i, example in stream:
+      tokens, num_prompt = tokenize_example(example, tokenizer, sft=sft, **fields)
+      if len(tokens) >= 2:  # a lone token has nothing to predict
+        return i, tokens, num_prompt
+    return None
+
+  packer = RowPacker(seq_len, tokenizer.pad_id)
+  while (row := packer.next_row(supply)) is not None:
+    yield row
