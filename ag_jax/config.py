@@ -217,6 +217,11 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
       value = from_dict(tp, value, where=f"{where}{name}.")
     elif tp is float and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
+    elif tp is float and isinstance(value, str):
+      try:  # yaml 1.1 reads "3e-3" (no dot) as a string
+        value = float(value)
+      except ValueError:
+        raise ConfigError(f"{where}{name} must be a number, got {value!r}") from None
     elif tp is tuple or typing.get_origin(tp) is tuple:
       value = tuple(value) if isinstance(value, list) else value
     kwargs[name] = value

@@ -27,7 +27,7 @@ def test_preset_values_match_known_models():
 
 
 def test_overrides_apply_and_parse_types():
-  cfg = config.preset("tiny", ["num_layers=2", "dtype=bfloat16", "rope_theta=500"])
+  cfg = config.preset("tiny", ["num_layers=2", "dtype=bfloat16", "rope_theta=5e2"])
   assert (cfg.num_layers, cfg.dtype, cfg.rope_theta) == (2, "bfloat16", 500.0)
   assert isinstance(cfg.rope_theta, float)
 
