@@ -105,7 +105,7 @@ class Llama(nn.Module):
   def setup(self):
     cfg = self.cfg
     pd = dtype_of(cfg.param_dtype)
-    self.embedding = param(self, "embed", normal(1.0), (cfg.vocab_size, cfg.dim),
+    self.embedding = param(self, "embed", normal(0.02), (cfg.vocab_size, cfg.dim),
                            ("vocab", "embed"), pd)
     layer = DecoderLayer
     if REMAT_POLICIES.get(self.remat, "missing") == "missing":
