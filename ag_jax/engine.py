@@ -19,7 +19,7 @@ import numpy as np
 
 from ag_jax.cache import KVCache, full_kv_nbytes, kept_ratio
 from ag_jax.model import Llama
-from ag_jax.policies import AttentionGate, Full, Policy
+from ag_jax.policies import AttentionGate, Full, Policy, fit
 from ag_jax.sampling import SamplingConfig, sample
 
 
@@ -95,7 +95,7 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
       else np.asarray(lengths, np.int32)
   _check(model, policy, tokens, lengths)
   context = tokens.shape[1] + max_new_tokens
-  capacity = resolve_capacity(policy, context, capacity, budget)
+  policy, capacity = fit(policy, resolve_capacity(policy, context, capacity, budget))
   return _prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), model=model,
                   policy=policy, capacity=capacity, gate_slots=_gate_slots(model, context),
                   backend=backend, all_logits=all_logits)
@@ -206,7 +206,7 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
   if context > model.cfg.max_position:
     raise InferenceError(f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
                          f"{context} exceeds the model's max_position {model.cfg.max_position}")
-  capacity = resolve_capacity(policy, context, capacity, budget)
+  policy, capacity = fit(policy, resolve_capacity(policy, context, capacity, budget))
   args = (variables, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
           jnp.int32(eos_id), jnp.int32(pad_id))
   statics = dict(model=model, policy=policy, capacity=capacity,

@@ -170,7 +170,7 @@ def load_hf_llama(path: str, dtype=jnp.float32, shardings=None) -> tuple[ModelCo
 
   # Move leaf by leaf, dropping each host array as soon as it is on its devices.
   leaves, treedef = jax.tree_util.tree_flatten(host)
-  del host
+  host = None  # the leaves list now owns the arrays
   targets = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
   for i, target in enumerate(targets):
     leaves[i] = jnp.asarray(leaves[i]) if target is None else jax.device_put(leaves[i], target)

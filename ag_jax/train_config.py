@@ -17,7 +17,6 @@ A recipe looks like (every key optional except the model source):
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any, Sequence
 
 from ag_jax import config as config_lib

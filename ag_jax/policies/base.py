@@ -1,13 +1,6 @@
-"""Cache policies: which tokens a layer keeps, and how it ranks them when capacity overflows.
+"""The policy protocol, `fit`, and the two policies of the method itself: AttentionGate, Full.
 
-A policy is a small frozen (hashable, static under `jit`) object used by every layer:
-  * prefill_attend  flags the prefill attention uses (None: plain causal attention);
-  * prefill_select  which prompt tokens go into the cache and their scores;
-  * decode_admit    whether the new token wants a slot, and its score;
-  * decode_update   the scores after a decode step (H2O adds this step's attention mass);
-  * eviction_score  what capacity overflow compares (lowest goes first).
-One cache, one compaction kernel and one decode kernel serve every policy (DESIGN §2), so
-ablations compare like with like. Arrays: B batch, K kv heads, T prompt, S cache slots.
+See `ag_jax.policies` for what each hook does.
 """
 
 from __future__ import annotations
@@ -16,6 +9,13 @@ import dataclasses
 from typing import Optional
 
 import jax.numpy as jnp
+
+# Pinned StreamingLLM sinks score above every position (positions < 2**24 are exact in f32).
+SINK_SCORE = float(2 ** 30)
+
+
+class PolicyError(ValueError):
+  """A policy knob is out of range or unresolved; the message says what to set."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,15 @@ class Policy:
   @property
   def name(self) -> str:
     return type(self).__name__
+
+  @property
+  def max_kept(self) -> Optional[int]:
+    """Most tokens a row may ever hold (a window policy's window); None: no bound."""
+    return None
+
+  def bind(self, capacity: int) -> "Policy":
+    """This policy with its capacity-dependent knobs resolved to token counts."""
+    return self
 
   def prefill_attend(self, prob, flags, valid) -> Optional[jnp.ndarray]:
     """prob, flags, valid [B, K, T] (prob/flags None without a gate) -> [B, K, T] bool or None."""
@@ -51,6 +60,24 @@ class Policy:
   def describe(self) -> str:
     fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
     return f"{self.name}({fields})"
+
+
+def fit(policy: Policy, capacity: int) -> tuple[Policy, int]:
+  """(policy, capacity) to build the cache with: a window policy needs no more slots than
+  its window (and must not have more: decode evicts only when a row is full), and knobs
+  that depend on the capacity are resolved against the final capacity."""
+  if policy.max_kept is not None:
+    capacity = min(capacity, policy.max_kept)
+  return policy.bind(capacity), capacity
+
+
+def row_length(valid):
+  """valid [B, K, T] -> [B, K, 1] int32: each prompt's real length."""
+  return jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.int32)
+
+
+def admit_all(position):
+  return jnp.ones(position.shape, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +107,3 @@ class Full(Policy):
 
   def decode_admit(self, prob, flags, position):
     return jnp.ones(position.shape, bool), position.astype(jnp.float32)
-
-
-REGISTRY = {"ag": AttentionGate, "attention_gate": AttentionGate, "full": Full}
-
-
-def make_policy(name: str, **kwargs) -> Policy:
-  """A policy by name (`ag`, `full`, ...) with its knobs; unknown names list the known ones."""
-  key = name.lower().replace("-", "_")
-  if key not in REGISTRY:
-    raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(sorted(REGISTRY))}")
-  return REGISTRY[key](**kwargs)

@@ -1,0 +1,161 @@
+"""Teacher-forced scoring through the evicting cache, perplexity, and cache statistics.
+
+A row is a prefix (prefilled: the policy selects from the prompt and the cache is cut to
+capacity) and a continuation whose tokens are fed one decode step at a time, so every
+continuation token is predicted from the cache the policy left, exactly as in generation.
+One jitted program per shape: prefill (engine.prefill), then a `lax.scan` of decode steps.
+
+A budget is a fraction of the longest real context (prefix + continuation) of a batch;
+rows are sorted by length before batching, so rows of a batch have similar lengths.
+Array widths are rounded up to `bucket` tokens so that few shapes compile (each distinct
+capacity compiles too: pass `capacity` for one fixed cache size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ag_jax import engine, policies
+from ag_jax.cache import full_kv_nbytes, kept_ratio
+from ag_jax.model import Llama
+from ag_jax.policies import Policy
+
+
+def resolve_setting(model: Llama, policy: Policy | None, context: int, capacity: int | None = None,
+                    budget: float | None = None) -> tuple[Policy, int]:
+  """(policy, capacity) for a cache of `context` tokens: the engine's capacity rule, then
+  `policies.fit` (window policies shrink the cache, H2O's knobs become token counts)."""
+  policy = policy or engine.default_policy(model)
+  return policies.fit(policy, engine.resolve_capacity(policy, context, capacity, budget))
+
+
+@dataclasses.dataclass
+class CacheStats:
+  """What the caches of an evaluation held, over all its batches."""
+
+  capacity: int = 0             # the largest capacity used (slots per row)
+  kept_ratio: np.ndarray | None = None  # [L, K] kept / seen tokens, mean over rows
+  kv_bytes: int = 0             # k and v buffers of the largest batch
+  cache_bytes: int = 0          # every cache buffer (k, v, scores, positions, gate cache)
+  full_kv_bytes: int = 0        # k and v of a full cache for that batch
+  rows: int = 0
+  describe: str = ""            # the policy as run (knobs resolved) in the largest batch
+
+  def add(self, policy: Policy, capacity, kept_ratio, kv_bytes, cache_bytes, full_bytes, rows):
+    kept = np.asarray(kept_ratio, np.float64)
+    self.kept_ratio = kept if self.kept_ratio is None else \
+        (self.kept_ratio * self.rows + kept * rows) / (self.rows + rows)
+    self.rows += rows
+    self.capacity = max(self.capacity, int(capacity))
+    if kv_bytes > self.kv_bytes:
+      self.kv_bytes, self.cache_bytes, self.full_kv_bytes = kv_bytes, cache_bytes, full_bytes
+      self.describe = policy.describe()
+
+  def as_dict(self) -> dict:
+    kept = self.kept_ratio if self.kept_ratio is not None else np.zeros((0, 0))
+    return {"describe": self.describe, "capacity": self.capacity, "kept": float(kept.mean()) if kept.size else 0.0,
+            "kept_per_layer_head": kept.tolist(), "kv_mib": self.kv_bytes / 2 ** 20,
+            "cache_mib": self.cache_bytes / 2 ** 20, "full_kv_mib": self.full_kv_bytes / 2 ** 20}
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _teacher_forced(variables, cache, first_logits, targets, active, *, model):
+  """first_logits [B, V] predict targets[:, 0]; feeding targets[:, j] predicts targets[:, j+1].
+
+  targets int32 [B, N], active bool [B, N] (real target tokens, a prefix of each row)
+  -> log-probabilities [B, N] f32 (0 where inactive), and the cache after the last step.
+  """
+  def log_prob(logits, token):  # [B, V], [B] -> [B]
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+
+  def step(cache, xs):
+    token, target, live = xs  # [B] each; finished rows neither advance nor keep anything
+    logits, cache = model.apply(variables, token, cache, live, method=Llama.decode)
+    return cache, log_prob(logits, target)
+
+  xs = (targets[:, :-1].T, targets[:, 1:].T, active[:, 1:].T)  # [N-1, B] each
+  cache, rest = jax.lax.scan(step, cache, xs)                 # rest [N-1, B]
+  logp = jnp.concatenate([log_prob(first_logits, targets[:, 0])[:, None], rest.T], axis=1)
+  return jnp.where(active, logp, 0.0), cache
+
+
+def _round_up(n: int, bucket: int) -> int:
+  return max(bucket, -(-n // bucket) * bucket)
+
+
+def score_continuations(model: Llama, variables, prefixes: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[int]], *, policy: Policy | None = None,
+                        capacity: int | None = None, budget: float | None = None,
+                        batch_size: int = 16, bucket: int = 16, pad_id: int = 0,
+                        backend: str | None = None) -> tuple[list[np.ndarray], CacheStats]:
+  """Log-probability of each continuation token given its prefix, through the cache.
+
+  Returns ([len(continuation_i)] float arrays in input order, CacheStats).
+  """
+  if len(prefixes) != len(continuations):
+    raise ValueError(f"{len(prefixes)} prefixes but {len(continuations)} continuations")
+  for i, (p, c) in enumerate(zip(prefixes, continuations)):
+    if not p or not c:
+      raise ValueError(f"row {i}: prefix and continuation need at least one token each")
+  order = sorted(range(len(prefixes)), key=lambda i: (len(prefixes[i]) + len(continuations[i])))
+  scores: list[np.ndarray | None] = [None] * len(prefixes)
+  stats, cfg = CacheStats(), model.cfg
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    width = _round_up(max(len(prefixes[i]) for i in rows), bucket)
+    steps = _round_up(max(len(continuations[i]) for i in rows), bucket)
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    targets = np.full((len(rows), steps), pad_id, np.int32)
+    active = np.zeros((len(rows), steps), bool)
+    for r, i in enumerate(rows):
+      tokens[r, :len(prefixes[i])] = prefixes[i]
+      targets[r, :len(continuations[i])] = continuations[i]
+      active[r, :len(continuations[i])] = True
+    lengths = np.array([len(prefixes[i]) for i in rows], np.int32)
+    # The budget is a fraction of the batch's longest real context, not of the padding.
+    context = max(len(prefixes[i]) + len(continuations[i]) for i in rows)
+    bound, cap = resolve_setting(model, policy, context, capacity, budget)
+    if not bound.evicts:
+      cap = width + steps  # a non-evicting cache must also hold the padding steps
+    logits, cache = engine.prefill(model, variables, tokens, lengths, policy=bound, capacity=cap,
+                                   max_new_tokens=steps, backend=backend)
+    logp, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets),
+                                  jnp.asarray(active), model=model)
+    logp = np.asarray(logp)
+    for r, i in enumerate(rows):
+      scores[i] = logp[r, :len(continuations[i])]
+    stats.add(bound, cap, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
+              full_kv_nbytes(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim,
+                             width + steps, cfg.dtype), len(rows))
+  return scores, stats
+
+
+def perplexity(model: Llama, variables, token_rows: Sequence[Sequence[int]], *,
+               prefix_fraction: float = 0.5, prefix_tokens: int | None = None, **kwargs) -> dict:
+  """Perplexity of each row's tokens after its prefix, teacher-forced through the cache.
+
+  The prefix is `prefix_tokens` tokens, or `prefix_fraction` of the row (at least 1);
+  the rest is decoded one token at a time. Returns {"perplexity", "nll" (mean per
+  token), "tokens", **cache statistics}. kwargs go to `score_continuations`.
+  """
+  prefixes, continuations = [], []
+  for i, row in enumerate(token_rows):
+    row = list(row)
+    cut = prefix_tokens if prefix_tokens is not None else int(len(row) * prefix_fraction)
+    cut = min(max(cut, 1), len(row) - 1)
+    if len(row) < 2:
+      raise ValueError(f"row {i} has {len(row)} token(s); perplexity needs at least 2")
+    prefixes.append(row[:cut])
+    continuations.append(row[cut:])
+  scores, stats = score_continuations(model, variables, prefixes, continuations, **kwargs)
+  total = -float(sum(s.sum() for s in scores))
+  count = sum(len(s) for s in scores)
+  nll = total / count
+  return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, **stats.as_dict()}

@@ -1,0 +1,234 @@
+"""Training-free baselines on the same cache: StreamingLLM, Local, Random, H2O, SnapKV.
+
+Each compresses the way kvpress does: prefill attends over the whole prompt, then the cache
+keeps what the policy selects; decode admits every new token and a full row replaces its
+lowest-ranked slot. Arrays: B batch, K kv heads, G query heads per KV head, T prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import jax.numpy as jnp
+from jax import lax
+
+from ag_jax.policies.base import SINK_SCORE, Policy, PolicyError, admit_all, row_length
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(Policy):
+  """Attention sinks + a recent window (Xiao et al. 2023, arXiv 2309.17453).
+
+  The first `sink` tokens of every sequence are pinned; the rest is a window of the most
+  recent tokens: `window` of them, or (None) as many as the capacity leaves. Prefill keeps
+  the sinks and the prompt's last tokens; decode admits every token and, when the row is
+  full, the newcomer replaces the oldest non-sink. Score = position, sinks SINK_SCORE.
+  """
+
+  sink: int = 4
+  window: Optional[int] = None
+
+  def __post_init__(self):
+    if self.sink < 0:
+      raise PolicyError(f"StreamingLLM sink must be >= 0, got {self.sink}")
+    if self.window is not None and self.window < 1:
+      raise PolicyError(f"StreamingLLM window must be >= 1 or None, got {self.window}")
+
+  @property
+  def max_kept(self):
+    return None if self.window is None else self.sink + self.window
+
+  def _score(self, position):
+    return jnp.where(position < self.sink, SINK_SCORE, position.astype(jnp.float32))
+
+  def prefill_select(self, prob, flags, valid, positions, probs):
+    store = valid
+    if self.window is not None:
+      recent = positions >= row_length(valid) - self.window
+      store = valid & ((positions < self.sink) | recent)
+    return store, self._score(positions)
+
+  def decode_admit(self, prob, flags, position):
+    return admit_all(position), self._score(position)
+
+
+@dataclasses.dataclass(frozen=True)
+class Local(Policy):
+  """Only the last `window` tokens (None: as many as the capacity holds): StreamingLLM
+  without sinks. Decode slides the window: a full row drops its oldest token."""
+
+  window: Optional[int] = None
+
+  def __post_init__(self):
+    if self.window is not None and self.window < 1:
+      raise PolicyError(f"Local window must be >= 1 or None, got {self.window}")
+
+  @property
+  def max_kept(self):
+    return self.window
+
+  def prefill_select(self, prob, flags, valid, positions, probs):
+    return StreamingLLM(0, self.window).prefill_select(prob, flags, valid, positions, probs)
+
+  def decode_admit(self, prob, flags, position):
+    return admit_all(position), position.astype(jnp.float32)
+
+
+def _uniform_hash(seed: int, position, head):
+  """A uniform number in [0, 1) per (seed, position, head): murmur3's 32-bit finaliser
+  over a mix of the three, so no RNG key has to travel through the cache."""
+  u32 = jnp.uint32
+  x = (position.astype(u32) * u32(0x9E3779B1) + head.astype(u32) * u32(0x85EBCA77)
+       + u32((seed * 0xC2B2AE3D) % 2 ** 32))
+  x = (x ^ (x >> 16)) * u32(0x85EBCA6B)
+  x = (x ^ (x >> 13)) * u32(0xC2B2AE35)
+  x = x ^ (x >> 16)
+  return (x >> 8).astype(jnp.float32) * (1.0 / 2 ** 24)  # 24 bits: exact in f32
+
+
+@dataclasses.dataclass(frozen=True)
+class Random(Policy):
+  """Each token is kept with probability `ratio`, by a hash of (seed, position, KV head):
+  deterministic, the same in prefill and decode, and the same in every layer (policies do
+  not see the layer index). Score = the hash, so overflow keeps a uniform random subset."""
+
+  ratio: float = 0.5
+  seed: int = 0
+
+  def __post_init__(self):
+    if not 0.0 < self.ratio <= 1.0:
+      raise PolicyError(f"Random ratio must be in (0, 1], got {self.ratio}")
+
+  def _draw(self, position):
+    head = lax.broadcasted_iota(jnp.int32, position.shape, 1)  # axis 1 is the KV head
+    u = _uniform_hash(self.seed, position, head)
+    return u < self.ratio, u
+
+  def prefill_select(self, prob, flags, valid, positions, probs):
+    keep, u = self._draw(positions)
+    return valid & keep, u
+
+  def decode_admit(self, prob, flags, position):
+    return self._draw(position)
+
+
+Count = Optional[Union[int, float]]
+
+
+def _tokens(knob: Count, capacity: int, what: str) -> Optional[int]:
+  """An int knob is a token count, a float one a fraction of the capacity."""
+  if knob is None:
+    return None
+  if isinstance(knob, float):
+    if not 0.0 <= knob <= 1.0:
+      raise PolicyError(f"H2O {what}={knob}: a float is a fraction of the capacity, in [0, 1]")
+    return int(round(knob * capacity))
+  if knob < 0:
+    raise PolicyError(f"H2O {what} must be >= 0 tokens, got {knob}")
+  return int(knob)
+
+
+@dataclasses.dataclass(frozen=True)
+class H2O(Policy):
+  """Heavy hitters + recent tokens (Zhang et al. 2023, arXiv 2306.14048).
+
+  A token's score is the attention it has received, accumulated over every query since it
+  arrived (column sums of the prompt's attention at prefill, then the decode kernel's
+  per-slot mass each step), summed over the query heads of its KV head. The `recent` most
+  recent tokens are protected; `heavy` tokens with the highest score fill the rest.
+  Knobs: int = tokens, float = fraction of the capacity; None splits the capacity as the
+  paper does: `recent` half of it (or what `heavy` leaves), `heavy` the rest. Prefill
+  keeps the prompt's last `recent` tokens and its `heavy` highest-scoring others; decode
+  admits every token, and a full row evicts its lowest-scoring non-recent slot.
+  """
+
+  heavy: Count = None
+  recent: Count = None
+  needs_prefill_probs = True
+  needs_decode_mass = True
+
+  def __post_init__(self):
+    _tokens(self.heavy, 1, "heavy"), _tokens(self.recent, 1, "recent")  # range checks
+
+  def bind(self, capacity):
+    heavy, recent = _tokens(self.heavy, capacity, "heavy"), _tokens(self.recent, capacity, "recent")
+    if recent is None:
+      recent = capacity // 2 if heavy is None else max(capacity - heavy, 0)
+    recent = min(recent, capacity)
+    heavy = capacity - recent if heavy is None else min(heavy, capacity - recent)
+    return H2O(heavy=heavy, recent=recent)
+
+  def _counts(self):
+    if not all(isinstance(x, int) for x in (self.heavy, self.recent)):
+      raise PolicyError(f"{self.describe()} needs token counts: resolve None and fractions "
+                        "against the capacity with ag_jax.policies.fit(policy, capacity)")
+    return self.heavy, self.recent
+
+  def prefill_select(self, prob, flags, valid, positions, probs):
+    heavy, recent = self._counts()
+    real_queries = valid[:, :, None, :, None]                          # [B, K, 1, T, 1]
+    mass = jnp.sum(jnp.where(real_queries, probs, 0.0), axis=(2, 3))   # [B, K, S]
+    is_recent = valid & (positions >= row_length(valid) - recent)
+    candidate = valid & ~is_recent
+    order = jnp.argsort(-jnp.where(candidate, mass, -jnp.inf), axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)  # 0 = heaviest candidate; ties: the earlier token
+    return is_recent | (candidate & (rank < heavy)), mass
+
+  def decode_admit(self, prob, flags, position):
+    return admit_all(position), jnp.zeros(position.shape, jnp.float32)
+
+  def decode_update(self, score, slot_position, mass, position):
+    return score + mass  # the newcomer's slot includes its attention to itself
+
+  def eviction_score(self, score, slot_position, position):
+    _, recent = self._counts()
+    return jnp.where(slot_position > position[..., None] - recent, jnp.inf, score)
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV(Policy):
+  """Observation-window voting (Li et al. 2024, arXiv 2404.14469).
+
+  The last `window` prompt tokens of each sequence (prompts are right-padded: the window
+  ends at each row's own length) vote for earlier tokens with their attention, summed
+  over the window queries and the KV head's query heads; the votes are pooled along keys
+  (`pooling` "max" or "avg", `kernel` odd, "same" padding as in the paper's code) so that
+  neighbours of a hit survive too. Prefill keeps the window and the best-voted earlier
+  tokens up to the capacity. Decode appends generated tokens as the paper does; when a
+  row is full, the newcomer replaces the worst-voted prompt token, then (once only the
+  window and generated tokens are left) the oldest token.
+  Score: prompt votes scaled into [0, 1); window and generated tokens 1 + position.
+  """
+
+  window: int = 32
+  kernel: int = 7
+  pooling: str = "max"
+  needs_prefill_probs = True
+
+  def __post_init__(self):
+    if self.window < 1:
+      raise PolicyError(f"SnapKV window must be >= 1, got {self.window}")
+    if self.kernel < 1 or self.kernel % 2 == 0:
+      raise PolicyError(f"SnapKV kernel must be odd and >= 1, got {self.kernel}")
+    if self.pooling not in ("max", "avg"):
+      raise PolicyError(f"SnapKV pooling must be 'max' or 'avg', got {self.pooling!r}")
+
+  def prefill_select(self, prob, flags, valid, positions, probs):
+    group = probs.shape[2]
+    observe = valid & (positions >= row_length(valid) - self.window)  # [B, K, T]
+    votes = jnp.einsum("BKGTS,BKT->BKS", probs, observe.astype(probs.dtype))  # [B, K, S]
+    prefix = valid & ~observe  # the tokens that can be evicted
+    window = (1, 1, self.kernel)
+    if self.pooling == "max":
+      pooled = lax.reduce_window(jnp.where(prefix, votes, -jnp.inf), -jnp.inf, lax.max,
+                                 window, (1, 1, 1), "SAME")
+    else:  # zero padding counted in the mean, as avg_pool1d(count_include_pad=True)
+      pooled = lax.reduce_window(jnp.where(prefix, votes, 0.0), 0.0, lax.add, window,
+                                 (1, 1, 1), "SAME") / self.kernel
+    # A vote is at most window x group (each query's attention sums to 1): scale into [0, 1).
+    score = jnp.where(observe, 1.0 + positions.astype(jnp.float32),
+                      pooled / (self.window * group + 1))
+    return valid, score
+
+  def decode_admit(self, prob, flags, position):
+    return admit_all(position), 1.0 + position.astype(jnp.float32)
