@@ -52,9 +52,12 @@ def _prefill(layer, x, ctx):
   layer_cache = dict(k=k_c, v=v_c, score=score_c, position=src, length=length,
                      gate_k=None, gate_v=None)
   if gate_kv is not None:
+    # The gate computes in fp32 but its cache is stored in the model's dtype: in bf16 this
+    # halves the gate cache, which covers every token and so costs a real share of memory.
     lengths = jnp.sum(ctx.valid, axis=1)
-    layer_cache["gate_k"] = cache_lib.ring_from_prompt(gate_kv[0], lengths, ctx.gate_slots)
-    layer_cache["gate_v"] = cache_lib.ring_from_prompt(gate_kv[1], lengths, ctx.gate_slots)
+    cache_dtype = jnp.dtype(cfg.dtype)
+    for name, value in (("gate_k", gate_kv[0]), ("gate_v", gate_kv[1])):
+      layer_cache[name] = cache_lib.ring_from_prompt(value, lengths, ctx.gate_slots).astype(cache_dtype)
   return x, layer_cache
 
 
@@ -95,11 +98,16 @@ def _decode(layer, carry, ctx, l):
   length = kv.length[l]                                               # [B, K]
   k_all = cache_lib.write_rows(kv.k, l, length, k[:, 0])
   v_all = cache_lib.write_rows(kv.v, l, length, v[:, 0])
-  score = cache_lib.write_rows(kv.score, l, length, new_score)[l]     # [B, K, S]
-  slot_position = cache_lib.write_rows(kv.position, l, length, position_bk)[l]
+  # Every stacked buffer is updated from its own latest version only, so XLA can update
+  # it in place (reusing the original buffer for a second update would copy all layers).
+  score_all = cache_lib.write_rows(kv.score, l, length, new_score)
+  position_all = cache_lib.write_rows(kv.position, l, length, position_bk)
+  score, slot_position = score_all[l], position_all[l]                # [B, K, S]
+  # The stacked buffers go in whole and the kernel reads layer l in place: slicing
+  # k_all[l] here would copy the layer's K/V (a read and a write of it) every step.
   attended = pallas_kernels.decode_attention(
-      q[:, 0], k_all[l], v_all[l], length + 1, return_mass=policy.needs_decode_mass,
-      backend=kv.backend)
+      q[:, 0], k_all, v_all, length + 1, return_mass=policy.needs_decode_mass,
+      backend=kv.backend, layer=l)
   out, mass = attended if policy.needs_decode_mass else (attended, None)  # out [B, K, G, H]
   score = policy.decode_update(score, slot_position, mass, position_bk)
 
@@ -114,12 +122,18 @@ def _decode(layer, carry, ctx, l):
   full = length >= capacity
   replace = keep & full & (newcomer_rank > victim_rank)
   target = jnp.where(replace, victim, length)  # rewriting slot `length` is a no-op
+  # The second in-place write of k_all/v_all must come after the attention's reads of
+  # them. XLA orders in-place updates only by data dependencies (not by optimization
+  # barriers, on CPU at least), and without one it copies the whole [L, ...] K and V twice
+  # per layer per step. Make `target` depend on the attention output: x * 0 converts to 0
+  # for every x (XLA's float-to-int conversion maps NaN to 0) and is not simplified away.
+  target = target + (jnp.sum(out) * 0).astype(target.dtype)
   score_newcomer = jnp.take_along_axis(score, length[..., None], axis=-1)[..., 0]
   kv = kv.replace(
       k=cache_lib.write_rows(k_all, l, target, k[:, 0]),
       v=cache_lib.write_rows(v_all, l, target, v[:, 0]),
-      score=kv.score.at[l].set(_set_rows(score, target, score_newcomer)),
-      position=kv.position.at[l].set(_set_rows(slot_position, target, position_bk)),
+      score=score_all.at[l].set(_set_rows(score, target, score_newcomer)),
+      position=position_all.at[l].set(_set_rows(slot_position, target, position_bk)),
       length=kv.length.at[l].set(length + (keep & ~full)),
   )
   x = x + layer.attn.output(out[:, None]).astype(x.dtype)

@@ -66,6 +66,26 @@ def test_reference_matches_numpy_loop(G, lengths):
   np.testing.assert_allclose(mass, want_mass, rtol=1e-5, atol=1e-5)
 
 
+def test_reference_reads_the_given_layer_of_a_stack():
+  (q, k, v, length), _ = make_inputs(3, 2, 2, 4, 16, 8, jnp.float32, [3, 16, 0, 9])
+  k_all = jnp.stack([k * 0 + 7.0, k, -k])  # [L=3, B, H, S, D]
+  v_all = jnp.stack([v * 0 - 7.0, v, -v])
+  fn = jax.jit(functools.partial(decode_attention_reference, return_mass=True))
+  for layer in (1, 2):
+    got = fn(q, k_all, v_all, length, layer=jnp.int32(layer))
+    want = fn(q, k_all[layer], v_all[layer], length)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+
+def test_layer_argument_shape_checks():
+  (q, k, v, length), _ = make_inputs(4, 1, 2, 1, 8, 8, jnp.float32, [8, 8])
+  with pytest.raises(ValueError, match="shape mismatch"):
+    decode_attention(q, k, v, length, layer=0, backend="reference")  # k is not stacked
+  with pytest.raises(ValueError, match="shape mismatch"):
+    decode_attention(q, k[None], v[None], length, backend="reference")  # stacked, no layer
+
+
 class TestDecodeAttentionKernel:
   BACKEND = platform_backend()
 
@@ -126,6 +146,21 @@ class TestDecodeAttentionKernel:
     want = decode_attention_reference(q, k, v, length, scale=0.3)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
+  @pytest.mark.parametrize("layer", [0, 2])
+  def test_stacked_layer_read_in_place(self, layer):
+    # The other layers hold NaN/inf: reading any slot of them would show in the result.
+    (q, k, v, length), _ = make_inputs(40 + layer, 2, 2, 4, 40, 16, jnp.float32,
+                                       [0, 40, 23, 5])
+    k_all = jnp.full((3,) + k.shape, jnp.nan, k.dtype).at[layer].set(k)
+    v_all = jnp.full((3,) + v.shape, jnp.inf, v.dtype).at[layer].set(v)
+    block_size = None if self.BACKEND == "gpu" else 16
+    fn = jax.jit(functools.partial(decode_attention, return_mass=True, block_size=block_size,
+                                   num_splits=2, backend=self.BACKEND))
+    got_out, got_mass = fn(q, k_all, v_all, length, layer=jnp.int32(layer))  # traced layer
+    want_out, want_mass = decode_attention_reference(q, k, v, length, return_mass=True)
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_mass, want_mass, rtol=1e-5, atol=1e-5)
+
   def test_empty_row_gives_zeros(self):
     (q, k, v, length), _ = make_inputs(31, 1, 1, 4, 24, 8, jnp.bfloat16, [0])
     out, mass = self.run(q, k, v, length, num_splits=2)
@@ -142,10 +177,14 @@ def test_kernel_lowers_for_accelerator(backend, platform, marker, G, D):
   sd = jax.ShapeDtypeStruct
   args = (sd((B, H, G, D), jnp.bfloat16), sd((B, H, S, D), jnp.bfloat16),
           sd((B, H, S, D), jnp.bfloat16), sd((B, H), jnp.int32))
+  stacked = (sd((3, B, H, S, D), jnp.bfloat16),) * 2  # [L, B, H, S, D] read at a traced layer
   for return_mass in (False, True):
     fn = jax.jit(functools.partial(decode_attention, return_mass=return_mass,
                                    num_splits=2, backend=backend))
     text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert marker in text
+    text = fn.trace(args[0], *stacked, args[3], layer=sd((), jnp.int32)).lower(
+        lowering_platforms=(platform,)).as_text()
     assert marker in text
 
 
