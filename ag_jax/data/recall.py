@@ -56,6 +56,9 @@ class RecallConfig:
   """How recall documents look. `doc_len` is a target in bytes, met to within a word."""
 
   doc_len: int = 384
+  # If set, each document's length target is drawn uniformly from [min_doc_len, doc_len]:
+  # short documents teach the lookup quickly, long ones make eviction matter.
+  min_doc_len: int | None = None
   num_facts: int = 4
   num_queries: int = 2            # distinct facts queried per document, <= num_facts
   distractor: str = "mixed"       # one of DISTRACTORS
@@ -70,6 +73,8 @@ class RecallConfig:
     if self.query_position not in QUERY_POSITIONS:
       raise ValueError(
           f"query_position={self.query_position!r}: expected one of {QUERY_POSITIONS}")
+    if self.min_doc_len is not None and not 0 < self.min_doc_len <= self.doc_len:
+      raise ValueError(f"need 0 < min_doc_len ({self.min_doc_len}) <= doc_len ({self.doc_len})")
     if not 1 <= self.num_queries <= self.num_facts:
       raise ValueError(f"need 1 <= num_queries ({self.num_queries}) <= num_facts "
                        f"({self.num_facts})")
@@ -151,7 +156,9 @@ def _distractor_gaps(rng, config: RecallConfig, keys, values) -> list[list]:
   """F + 1 lists of ("distractor"|"near_miss", text) units, about doc_len bytes in all."""
   num_gaps = config.num_facts + 1
   fixed = (config.num_facts + config.num_queries) * (config.key_len + config.value_len + 4)
-  budget = max(0, config.doc_len - fixed)
+  doc_len = config.doc_len if config.min_doc_len is None else rng.randint(
+      config.min_doc_len, config.doc_len)
+  budget = max(0, doc_len - fixed)
   weights = [rng.random() + 1e-6 for _ in range(num_gaps)]
   total = sum(weights)
   gaps, carry = [], 0

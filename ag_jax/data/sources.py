@@ -49,7 +49,7 @@ def _open_recall(spec: str, split: str) -> recall.RecallSource:
     if not sep or (key not in types and key != "size"):
       raise DataError(f"bad recall option {item!r} in {spec!r}: use key=value with keys "
                       f"from {sorted(types) + ['size']}")
-    if key == "size" or types[key] in (int, "int"):
+    if key == "size" or str(types[key]).startswith(("int", "<class 'int")):
       try:
         value = int(value)
       except ValueError:
