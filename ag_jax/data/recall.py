@@ -59,6 +59,11 @@ class RecallConfig:
   # If set, each document's length target is drawn uniformly from [min_doc_len, doc_len]:
   # short documents teach the lookup quickly, long ones make eviction matter.
   min_doc_len: int | None = None
+  # A curriculum by example index (read in order, i.e. without shuffling): the upper end of
+  # the length draw grows linearly from min_doc_len to doc_len over the first
+  # `length_ramp` examples. A tiny model learns the lookup on short documents in a few
+  # hundred steps but can stall for thousands on long ones.
+  length_ramp: int = 0
   num_facts: int = 4
   num_queries: int = 2            # distinct facts queried per document, <= num_facts
   distractor: str = "mixed"       # one of DISTRACTORS
@@ -75,6 +80,8 @@ class RecallConfig:
           f"query_position={self.query_position!r}: expected one of {QUERY_POSITIONS}")
     if self.min_doc_len is not None and not 0 < self.min_doc_len <= self.doc_len:
       raise ValueError(f"need 0 < min_doc_len ({self.min_doc_len}) <= doc_len ({self.doc_len})")
+    if self.length_ramp < 0 or (self.length_ramp and self.min_doc_len is None):
+      raise ValueError("length_ramp needs min_doc_len and must be >= 0")
     if not 1 <= self.num_queries <= self.num_facts:
       raise ValueError(f"need 1 <= num_queries ({self.num_queries}) <= num_facts "
                        f"({self.num_facts})")
@@ -97,7 +104,7 @@ def generate_example(config: RecallConfig, split: str, index: int) -> dict:
   queried = rng.sample(range(config.num_facts), config.num_queries)  # last = the prompt's
 
   # gaps[j] is the run of distractor units before fact j (j < F) or before the queries.
-  gaps = _distractor_gaps(rng, config, keys, values)
+  gaps = _distractor_gaps(rng, config, keys, values, index)
   if config.query_position == "interleaved":
     for f in queried[:-1]:
       j = rng.randint(f + 1, config.num_facts)  # any gap after fact f
@@ -152,12 +159,17 @@ def _distinct_keys(rng: random.Random, n: int, key_len: int) -> list[str]:
   return keys
 
 
-def _distractor_gaps(rng, config: RecallConfig, keys, values) -> list[list]:
+def _distractor_gaps(rng, config: RecallConfig, keys, values, index: int) -> list[list]:
   """F + 1 lists of ("distractor"|"near_miss", text) units, about doc_len bytes in all."""
   num_gaps = config.num_facts + 1
   fixed = (config.num_facts + config.num_queries) * (config.key_len + config.value_len + 4)
-  doc_len = config.doc_len if config.min_doc_len is None else rng.randint(
-      config.min_doc_len, config.doc_len)
+  doc_len = config.doc_len
+  if config.min_doc_len is not None:
+    longest = config.doc_len
+    if config.length_ramp > 0:
+      grown = min(1.0, index / config.length_ramp)
+      longest = round(config.min_doc_len + grown * (config.doc_len - config.min_doc_len))
+    doc_len = rng.randint(config.min_doc_len, longest)
   budget = max(0, doc_len - fixed)
   weights = [rng.random() + 1e-6 for _ in range(num_gaps)]
   total = sum(weights)

@@ -1,0 +1,51 @@
+"""decode.py: the batch generation CLI (the README's first command) and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def decode(*args, timeout=600):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "decode.py"), *args], cwd=ROOT,
+                        env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def micro_preset(tmp_path_factory):
+  path = tmp_path_factory.mktemp("preset") / "micro.yaml"
+  path.write_text("vocab_size: 259\ndim: 32\nnum_layers: 2\nnum_heads: 2\nnum_kv_heads: 1\n"
+                  "head_dim: 16\nmlp_dim: 64\nmax_position: 128\n")
+  return str(path)
+
+
+def test_preset_with_policy_and_json(micro_preset, tmp_path):
+  out = tmp_path / "out.json"
+  run = decode("--model", micro_preset, "--prompt", "hello", "--prompt", "a longer prompt here",
+               "--policy", "streaming_llm", "--policy-arg", "sink=2", "--capacity", "8",
+               "--max-new-tokens", "5", "--json", str(out))
+  assert run.returncode == 0, run.stderr
+  report = json.loads(out.read_text())
+  assert len(report["generations"]) == 2
+  summary = report["summary"]
+  assert summary["policy"].startswith("StreamingLLM(sink=2")
+  assert summary["capacity"] == 8 and summary["kv_mib"] < summary["full_kv_mib"]
+  assert "| layer | kept % |" in run.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--policy", "bogus", "--prompt", "x"], "unknown policy 'bogus'"),
+    (["--gates", "/nonexistent/gates", "--prompt", "x"], "gates"),
+    (["--prompts-file", "/nonexistent.txt"], "does not exist"),
+    (["--policy", "full", "--capacity", "4", "--prompt", "a long prompt"], "needs capacity"),
+])
+def test_bad_input_exits_2_without_traceback(micro_preset, args, message):
+  run = decode("--model", micro_preset, *args)
+  assert run.returncode == 2
+  assert "Traceback" not in run.stderr
+  assert message in run.stderr
