@@ -3,7 +3,8 @@
 #
 # On one NVIDIA GPU (H200 class): the Pallas kernels compiled for the GPU (backend="gpu",
 # the Mosaic GPU path, never run on a GPU before) against their jnp references, then the
-# four benchmarks at accelerator sizes (Llama-3-8B / Llama-2-7B shapes, random weights).
+# four benchmarks at accelerator sizes (Llama-3-8B / Llama-2-7B shapes, random weights), and
+# generate tokens/s (Llama-3.2-1B shapes) if time is left.
 # Results (*.json) and logs (*.log) go to OUTDIR; OUTDIR/summary.txt lists every step with
 # its exit status and time. Every step has its own time limit (sum < 8 minutes); a step
 # that fails or times out is recorded and the next one runs. No network is needed.
@@ -77,7 +78,20 @@ step compaction 35 "$PY" benchmarks/compaction.py --size "$SIZE" --budget-s 15 \
 # 5. Cache bytes allocated (device.memory_stats) at budgets 1, 0.5, 0.25 vs Full; fit table.
 step memory 45 "$PY" benchmarks/memory.py --size "$SIZE" --out "$OUT/memory.json"
 
-# 6. Optional: the kernel test files on the GPU, with whatever time is left.
+# 6. Generate tokens/s: ag_jax.generate (Full, AG at 0.5, 0.25) vs a plain prefill +
+#    decode_step loop (Llama-3.2-1B shapes, B=8, P=4096, N=128). Runs in what the steps above
+#    left of TOTAL (up to 75s), so the script stays within its time; --budget-s stops new
+#    variants (each compiles) early enough for the timing rounds.
+LEFT=$((TOTAL - (SECONDS - START)))
+if [ $LEFT -gt 40 ]; then
+  LIM=$((LEFT < 75 ? LEFT : 75))
+  step generate $LIM "$PY" benchmarks/generate.py --size "$SIZE" --budget-s $((LIM - 25)) \
+    --out "$OUT/generate.json"
+else
+  echo "== generate skipped (${LEFT}s left)" | tee -a "$OUT/summary.txt"
+fi
+
+# 7. Optional: the kernel test files on the GPU, with whatever time is left.
 LEFT=$((TOTAL - (SECONDS - START)))
 if "$PY" -c "import pytest" 2>/dev/null && [ $LEFT -gt 30 ]; then
   step kernel_tests $LEFT "$PY" -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \

@@ -18,6 +18,7 @@ sys.path.insert(0, BENCH)
 
 import compaction  # noqa: E402
 import decode  # noqa: E402
+import generate  # noqa: E402
 import kernel_check  # noqa: E402
 import memory  # noqa: E402
 import train_step  # noqa: E402
@@ -81,6 +82,17 @@ def test_memory(tmp_path, capsys):
   for r in rows.values():  # the measured allocation is the cache's buffers, nothing else
     assert r["measured_bytes"] == r["buffer_sum_bytes"], r
   assert "deviation" in rows["ag@0.5"] and data["fit"]["rows"][0]["context"] == 1024
+
+
+def test_generate(tmp_path, capsys):
+  data = run(generate, ["--batch", "2", "--prompt-len", "32", "--new-tokens", "4", "--ratios",
+                        "0.5", "--rounds", "1"], tmp_path, capsys)
+  rows = {r["variant"]: r for r in data["rows"]}
+  assert list(rows) == ["loop-full", "generate-full", "generate-ag@0.5"]
+  assert rows["generate-full"]["same_tokens_as_loop"] is True  # also: no error recorded
+  assert rows["generate-ag@0.5"]["capacity"] == 18  # ceil(0.5 x (32 + 4))
+  assert rows["generate-ag@0.5"]["kv_bytes"] < rows["generate-full"]["kv_bytes"]
+  assert all(r["tokens_per_s"] > 0 and r["speedup"] > 0 for r in rows.values())
 
 
 def test_compaction(tmp_path, capsys):
