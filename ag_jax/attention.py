@@ -21,9 +21,15 @@ from ag_jax.config import ModelConfig
 from ag_jax.layers import dtype_of, normal, param
 from ag_jax.rope import apply_rope
 
-# Masked keys' would-be weights enter only the gradient (d a_ik / d m_j ~ exp(l_j - max));
-# clip their exponent so a masked key with a huge logit cannot overflow to inf * 0 = NaN.
-_MAX_MASKED_EXPONENT = 30.0
+# A masked key's would-be weight enters only the gradient: d a_ik / d m_j ~ exp(l_j - max)/Z,
+# the max over the *visible* keys. Left unclipped this is the exact derivative, and it is
+# useless as a straight-through signal: a trained model's evicted attention sink can have a
+# logit 20-30 above every visible key, so its flag's gradient reaches 1e11 and, through the
+# global norm clip, drowns every other gate gradient (gate training then stalls with the LM
+# loss far above the base model's). Clipping at 0 bounds each masked key's would-be weight by
+# that of the strongest visible key, so the straight-through gradient stays O(1) per key,
+# while the forward pass (masked weight exactly 0) is unchanged.
+_MAX_MASKED_EXPONENT = 0.0
 
 
 def allowed_mask(q_segments: jnp.ndarray, k_segments: jnp.ndarray, q_positions: jnp.ndarray,

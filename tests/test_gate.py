@@ -127,3 +127,27 @@ def test_gate_params_are_separate_and_small(gated, tiny_cfg):
   assert jax.tree_util.tree_structure(without_gate) == jax.tree_util.tree_structure(
       jax.tree_util.tree_map(lambda x: x, plain["params"]))
   assert dataclasses.is_dataclass(tiny_cfg)
+
+
+def test_evicted_sink_gives_a_bounded_straight_through_gradient():
+  """An evicted key whose logit dwarfs every visible one (a trained model's attention sink)
+  must not produce an exploding flag gradient: it would drown all other gate gradients."""
+  from ag_jax.attention import gated_attention
+  rng = np.random.default_rng(0)
+  t, h = 6, 4
+  q = jnp.asarray(rng.normal(size=(1, t, 1, 1, h)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, t, 1, h)), jnp.float32)
+  k = k.at[0, 0, 0].set(q[0, :, 0, 0].sum(0) * 40.0)  # key 0: logits ~+30 above the rest
+  v = jnp.asarray(rng.normal(size=(1, t, 1, h)), jnp.float32)
+  allowed = jnp.tril(jnp.ones((t, t), bool))[None]
+  keep = jnp.ones((1, 1, t)).at[0, 0, 0].set(0.0)  # the sink is evicted
+
+  def loss(flags):
+    return jnp.sum(gated_attention(q, k, v, allowed, flags) ** 2)
+
+  grad = np.asarray(jax.grad(loss)(keep))
+  assert np.all(np.isfinite(grad))
+  # Each query row contributes at most 2 max|v| |d loss / d out| to a flag's gradient.
+  bound = t * 2 * float(jnp.abs(v).max()) * 2 * t * float(jnp.abs(v).max())
+  assert np.abs(grad).max() < bound, grad
+  assert grad[0, 0, 0] != 0  # the sink's flag still learns that keeping it would matter
