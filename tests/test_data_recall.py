@@ -158,3 +158,14 @@ def test_config_validation_and_open_source_spec():
               "recall:distractor=noise"):
     with pytest.raises(DataError):
       open_source(bad, "train")
+
+
+def test_min_doc_len_and_length_ramp_grow_documents_with_the_index():
+  cfg = RecallConfig(doc_len=400, min_doc_len=60, length_ramp=1000, key_len=1, value_len=1,
+                     num_facts=2, num_queries=1, distractor="random")
+  early = [len(generate_example(cfg, "train", i)["text"]) for i in range(20)]
+  late = [len(generate_example(cfg, "train", i)["text"]) for i in range(2000, 2040)]
+  assert max(early) < 120          # the ramp has barely opened: lengths near min_doc_len
+  assert max(late) > 300 and min(late) >= 50
+  with pytest.raises(ValueError, match="length_ramp needs min_doc_len"):
+    RecallConfig(length_ramp=10)
