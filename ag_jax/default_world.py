@@ -14,7 +14,8 @@ import os
 from ag_jax.data.recall import RecallConfig, RecallSource
 
 # The corpus the shipped model is evaluated on (the test split of this spec).
-DEFAULT_RECALL_SPEC = "recall:doc_len=128,key_len=1,value_len=2,num_facts=4,num_queries=2"
+DEFAULT_RECALL_SPEC = ("recall:doc_len=64,num_facts=2,num_queries=2,key_len=1,value_len=1,"
+                       "distractor=repeated")
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "recall_tiny")
 
 
@@ -105,8 +106,8 @@ def main(argv=None) -> int:
                  "and a gates dir (<out>/gates)")
   p.add_argument("--recall", default=DEFAULT_RECALL_SPEC,
                  help=f"the recall corpus the world is evaluated on (default {DEFAULT_RECALL_SPEC!r})")
-  p.add_argument("--budget", type=float, default=0.3,
-                 help="the KV budget decode.py uses for AG by default (default 0.3)")
+  p.add_argument("--budget", type=float, default=0.25,
+                 help="the KV budget decode.py uses for AG by default (default 0.25)")
   args = p.parse_args(argv)
   try:
     recall_source = open_source(args.recall, "test")

@@ -24,6 +24,16 @@ def micro_preset(tmp_path_factory):
   return str(path)
 
 
+def test_default_world_runs_and_reports_accuracy():
+  run = decode("--num-prompts", "16", "--quiet")
+  assert run.returncode == 0, run.stderr
+  assert "accuracy:" in run.stdout and "KV cache:" in run.stdout
+  accuracy = float(run.stdout.split("accuracy:")[1].split("%")[0])
+  assert accuracy >= 90.0  # the shipped model and gates at the default budget: 100% measured
+  kv_percent = float(run.stdout.split("full (")[1].split("%")[0])
+  assert kv_percent < 35.0
+
+
 def test_preset_with_policy_and_json(micro_preset, tmp_path):
   out = tmp_path / "out.json"
   run = decode("--model", micro_preset, "--prompt", "hello", "--prompt", "a longer prompt here",
