@@ -17,7 +17,9 @@ cache and kernels.
 
 Tasks (--task, repeatable):
   recall        greedy answers to recall questions (the embedded world's test prompts, or
-                the generated recall corpus given by --recall), exact-match accuracy
+                the generated recall corpus given by --recall), exact-match accuracy; the
+                context is prefilled and evicted first, then the question (from the last
+                '?') is read through the cache, as in kvpress
   perplexity    teacher-forced perplexity: each text's first --prefix-fraction is
                 prefilled, the rest is decoded one token at a time through the cache
   piqa, ai2_arc[/ARC-Easy|/ARC-Challenge], arc_easy, arc_challenge, boolq, hellaswag
@@ -114,7 +116,7 @@ def build_tasks(args, world) -> list:
   for name in args.task or ["recall"]:
     if name == "recall":
       examples = [(recall[i]["prompt"], recall[i]["answer"]) for i in range(min(n, len(recall)))]
-      tasks.append(ev.RecallTask("recall", examples))
+      tasks.append(ev.RecallTask("recall", examples, question_marker="?"))
     elif name == "perplexity":
       source = open_source(args.text_source, split, args.data_dir) if args.text_source else recall
       texts = [source[i][args.text_field] for i in range(min(n, len(source)))]

@@ -69,3 +69,27 @@ def test_recipes_run_a_few_steps(recipe, extra, tmp_path):
   else:
     gate_cfg, _ = ag_jax.load_gates(result.gates_dir)
     assert gate_cfg == cfg.gate
+
+
+def test_recall_asks_the_question_after_the_context_is_evicted(world):
+  """The evaluation protocol: prefill the context, then read the question through the cache.
+  Prefilling the whole prompt would let StreamingLLM answer from its full-attention prefill."""
+  from ag_jax.evaluation import recall_accuracy
+  from ag_jax.policies import Full, StreamingLLM
+  model, variables, tokenizer, _, _ = world
+  examples = default_world.test_prompts(NUM_PROMPTS)
+  kwargs = dict(question_marker="?", batch_size=32)
+  full = recall_accuracy(model, variables, tokenizer, examples, policy=Full(), **kwargs)
+  assert full["accuracy"] >= 0.95  # as the plain forward pass above
+  # Without overflow the AG cache is exactly the training view: same answers either way.
+  ag_after = recall_accuracy(model, variables, tokenizer, examples, policy=AttentionGate(),
+                             budget=1.0, **kwargs)
+  ag_whole = recall_accuracy(model, variables, tokenizer, examples, policy=AttentionGate(),
+                             budget=1.0, batch_size=32)
+  assert ag_after["accuracy"] == ag_whole["accuracy"] >= 0.9
+  # A recency window of 1/8 of the context cannot hold the facts once the question comes.
+  window = recall_accuracy(model, variables, tokenizer, examples, policy=StreamingLLM(),
+                           budget=0.125, **kwargs)
+  whole = recall_accuracy(model, variables, tokenizer, examples, policy=StreamingLLM(),
+                          budget=0.125, batch_size=32)
+  assert window["accuracy"] < 0.5 <= whole["accuracy"]

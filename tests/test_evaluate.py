@@ -64,16 +64,19 @@ def test_full_cache_scores_equal_the_training_view(tiny):
 def test_evicting_scores_equal_the_numpy_cache_model(tiny):
   model, variables = tiny
   capacity = 4
-  scores, stats = scoring.score_continuations(
+  scores, greedy, stats = scoring.score_and_greedy(
       model, variables, PREFIXES, CONTINUATIONS, policy=policies.StreamingLLM(sink=1),
       capacity=capacity, batch_size=4)
   prefix_logps = training_view_logp(model, variables, PREFIXES)
-  for prefix, cont, got, logp in zip(PREFIXES, CONTINUATIONS, scores, prefix_logps):
+  for prefix, cont, got, hits, logp in zip(PREFIXES, CONTINUATIONS, scores, greedy, prefix_logps):
     sim = NumpyCacheModel(variables["params"], model.cfg, StreamingRule(1, None), capacity)
     _, step_logits = sim.run(prefix, cont[:-1])  # feeding token j predicts token j + 1
     first = logp[len(prefix) - 1, cont[0]]
     want = [first] + [log_softmax(step_logits[j])[cont[j + 1]] for j in range(len(cont) - 1)]
     np.testing.assert_allclose(got, want, atol=1e-4)
+    argmax = [logp[len(prefix) - 1].argmax()] + [step_logits[j].argmax()
+                                                 for j in range(len(cont) - 1)]
+    np.testing.assert_array_equal(hits, np.asarray(argmax) == np.asarray(cont))
   assert stats.capacity == capacity and stats.as_dict()["kept"] < 1.0
 
 

@@ -70,20 +70,24 @@ def _teacher_forced(variables, cache, first_logits, targets, active, *, model):
   """first_logits [B, V] predict targets[:, 0]; feeding targets[:, j] predicts targets[:, j+1].
 
   targets int32 [B, N], active bool [B, N] (real target tokens, a prefix of each row)
-  -> log-probabilities [B, N] f32 (0 where inactive), and the cache after the last step.
+  -> log-probabilities [B, N] f32 (0 where inactive), greedy [B, N] bool (the target was the
+  argmax: teacher-forced greedy decoding), and the cache after the last step.
   """
-  def log_prob(logits, token):  # [B, V], [B] -> [B]
-    return jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+  def score(logits, token):  # [B, V], [B] -> ([B] f32, [B] bool)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+    return logp, jnp.argmax(logits, axis=-1) == token
 
   def step(cache, xs):
     token, target, live = xs  # [B] each; finished rows neither advance nor keep anything
     logits, cache = model.apply(variables, token, cache, live, method=Llama.decode)
-    return cache, log_prob(logits, target)
+    return cache, score(logits, target)
 
   xs = (targets[:, :-1].T, targets[:, 1:].T, active[:, 1:].T)  # [N-1, B] each
-  cache, rest = jax.lax.scan(step, cache, xs)                 # rest [N-1, B]
-  logp = jnp.concatenate([log_prob(first_logits, targets[:, 0])[:, None], rest.T], axis=1)
-  return jnp.where(active, logp, 0.0), cache
+  cache, (rest, rest_greedy) = jax.lax.scan(step, cache, xs)  # [N-1, B] each
+  first, first_greedy = score(first_logits, targets[:, 0])
+  logp = jnp.concatenate([first[:, None], rest.T], axis=1)
+  greedy = jnp.concatenate([first_greedy[:, None], rest_greedy.T], axis=1)
+  return jnp.where(active, logp, 0.0), greedy & active, cache
 
 
 def _round_up(n: int, bucket: int) -> int:
@@ -99,6 +103,21 @@ def score_continuations(model: Llama, variables, prefixes: Sequence[Sequence[int
 
   Returns ([len(continuation_i)] float arrays in input order, CacheStats).
   """
+  scores, _, stats = score_and_greedy(
+      model, variables, prefixes, continuations, policy=policy, capacity=capacity,
+      budget=budget, batch_size=batch_size, bucket=bucket, pad_id=pad_id, backend=backend)
+  return scores, stats
+
+
+def score_and_greedy(model: Llama, variables, prefixes: Sequence[Sequence[int]],
+                     continuations: Sequence[Sequence[int]], *, policy: Policy | None = None,
+                     capacity: int | None = None, budget: float | None = None,
+                     batch_size: int = 16, bucket: int = 16, pad_id: int = 0,
+                     backend: str | None = None):
+  """`score_continuations`, plus per token whether it was the greedy (argmax) choice.
+
+  Returns (log-probs [len(c_i)] f32, greedy [len(c_i)] bool, in input order; CacheStats).
+  """
   if len(prefixes) != len(continuations):
     raise ValueError(f"{len(prefixes)} prefixes but {len(continuations)} continuations")
   for i, (p, c) in enumerate(zip(prefixes, continuations)):
@@ -106,6 +125,7 @@ def score_continuations(model: Llama, variables, prefixes: Sequence[Sequence[int
       raise ValueError(f"row {i}: prefix and continuation need at least one token each")
   order = sorted(range(len(prefixes)), key=lambda i: (len(prefixes[i]) + len(continuations[i])))
   scores: list[np.ndarray | None] = [None] * len(prefixes)
+  greedy: list[np.ndarray | None] = [None] * len(prefixes)
   stats, cfg = CacheStats(), model.cfg
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
@@ -126,15 +146,16 @@ def score_continuations(model: Llama, variables, prefixes: Sequence[Sequence[int
       cap = width + steps  # a non-evicting cache must also hold the padding steps
     logits, cache = engine.prefill(model, variables, tokens, lengths, policy=bound, capacity=cap,
                                    max_new_tokens=steps, backend=backend)
-    logp, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets),
-                                  jnp.asarray(active), model=model)
-    logp = np.asarray(logp)
+    logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets),
+                                        jnp.asarray(active), model=model)
+    logp, hits = np.asarray(logp), np.asarray(hits)
     for r, i in enumerate(rows):
       scores[i] = logp[r, :len(continuations[i])]
+      greedy[i] = hits[r, :len(continuations[i])]
     stats.add(bound, cap, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
               full_kv_nbytes(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim,
                              width + steps, cfg.dtype), len(rows))
-  return scores, stats
+  return scores, greedy, stats
 
 
 def perplexity(model: Llama, variables, token_rows: Sequence[Sequence[int]], *,

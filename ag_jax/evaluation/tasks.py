@@ -21,7 +21,8 @@ import numpy as np
 
 import ag_jax
 from ag_jax.data import DataError, open_source, score_answer
-from ag_jax.evaluation.scoring import CacheStats, perplexity, resolve_setting, score_continuations
+from ag_jax.evaluation.scoring import (CacheStats, perplexity, resolve_setting, score_and_greedy,
+                                       score_continuations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,24 +157,39 @@ class PerplexityTask:
 
 @dataclasses.dataclass
 class RecallTask:
-  """Greedy answers to (prompt, answer) pairs, scored by `score_answer` (exact prefix)."""
+  """Greedy answers to (prompt, answer) pairs, scored by `score_answer` (exact prefix).
+
+  With `question_marker`, each prompt is split at the marker's last occurrence: the
+  context before it is prefilled and evicted, and the question is read afterwards, token
+  by token through the cache (the protocol of kvpress: compress the context, then ask).
+  Without it the whole prompt is prefilled, and a policy that attends fully during
+  prefill and evicts only afterwards (StreamingLLM, H2O, SnapKV) answers from the full
+  prompt whenever the answer is the first generated token: eviction is never tested.
+  """
 
   name: str
   examples: Sequence[tuple[str, str]]
+  question_marker: str | None = None
   metrics = ("accuracy",)
 
   def run(self, model, variables, tokenizer, policy, **kwargs) -> dict:
-    return recall_accuracy(model, variables, tokenizer, self.examples, policy=policy, **kwargs)
+    return recall_accuracy(model, variables, tokenizer, self.examples, policy=policy,
+                           question_marker=self.question_marker, **kwargs)
 
 
 def recall_accuracy(model, variables, tokenizer, examples: Sequence[tuple[str, str]], *,
                     policy=None, capacity: int | None = None, budget: float | None = None,
                     batch_size: int = 16, backend: str | None = None,
-                    max_new_tokens: int | None = None) -> dict:
+                    max_new_tokens: int | None = None,
+                    question_marker: str | None = None) -> dict:
   """Accuracy of greedy generation on (prompt, answer) pairs through the evicting cache.
 
   A budget is a fraction of each batch's context (longest prompt + max_new_tokens, which
-  defaults to the longest answer's token count)."""
+  defaults to the longest answer's token count). `question_marker`: see `RecallTask`."""
+  if question_marker is not None:
+    return _recall_after_context(model, variables, tokenizer, examples, question_marker,
+                                 policy=policy, capacity=capacity, budget=budget,
+                                 batch_size=batch_size, backend=backend)
   max_new = max_new_tokens or max(len(tokenizer.encode(a, add_bos=False)) for _, a in examples)
   order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
   correct, stats = np.zeros(len(examples), bool), CacheStats()
@@ -189,3 +205,26 @@ def recall_accuracy(model, variables, tokenizer, examples: Sequence[tuple[str, s
     stats.add(bound, result.capacity, result.kept_ratio, result.kv_bytes, result.cache_bytes,
               result.full_kv_bytes, len(rows))
   return {"accuracy": float(correct.mean()), "examples": len(examples), **stats.as_dict()}
+
+
+def _recall_after_context(model, variables, tokenizer, examples, marker: str, **kwargs) -> dict:
+  """Prefill each prompt's context, then teacher-force question + answer through the cache;
+  an answer is right when greedy decoding picks every one of its tokens (exactly what
+  greedy generation after the question would print). Context, question and answer are
+  tokenized separately (exact for byte-level tokenizers)."""
+  contexts, continuations, answer_lengths = [], [], []
+  for i, (prompt, answer) in enumerate(examples):
+    cut = prompt.rfind(marker)
+    if cut <= 0:
+      raise ValueError(f"example {i}: no question marker {marker!r} after the start of the "
+                       f"prompt {prompt[:40]!r}...; use question_marker=None for such prompts")
+    question = tokenizer.encode(prompt[cut:], add_bos=False)
+    answer_ids = tokenizer.encode(answer, add_bos=False)
+    contexts.append(tokenizer.encode(prompt[:cut], add_bos=True))
+    continuations.append(question + answer_ids)
+    answer_lengths.append(len(answer_ids))
+  _, greedy, stats = score_and_greedy(model, variables, contexts, continuations,
+                                      pad_id=tokenizer.pad_id, **kwargs)
+  # The question tokens are given; only the answer's tokens must be the greedy choices.
+  correct = [bool(g[-n:].all()) for g, n in zip(greedy, answer_lengths)]
+  return {"accuracy": float(np.mean(correct)), "examples": len(examples), **stats.as_dict()}
