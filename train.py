@@ -64,6 +64,8 @@ def main(argv=None) -> int:
   from ag_jax.sharding import maybe_initialize_distributed
   from ag_jax.train import TrainError, train
   from ag_jax.train_config import load_train_config
+  import time
+  start = time.perf_counter()
   try:
     cfg = load_train_config(args.config, args.overrides)  # before touching any device
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -73,8 +75,10 @@ def main(argv=None) -> int:
     return 2
   import jax
   where = result.gates_dir or result.model_dir
+  minutes = (time.perf_counter() - start) / 60
   print(f"trained {result.step} steps on {jax.process_count()} process(es), "
-        f"{jax.device_count()} devices" + (f"; wrote {where}" if where else ""))
+        f"{jax.device_count()} devices in {minutes:.1f} min (wall)"
+        + (f"; wrote {where}" if where else ""))
   return 0
 
 

@@ -29,9 +29,11 @@ def test_default_world_runs_and_reports_accuracy():
   assert run.returncode == 0, run.stderr
   assert "accuracy:" in run.stdout and "KV cache:" in run.stdout
   accuracy = float(run.stdout.split("accuracy:")[1].split("%")[0])
-  assert accuracy >= 90.0  # the shipped model and gates at the default budget: 100% measured
-  kv_percent = float(run.stdout.split("full (")[1].split("%")[0])
-  assert kv_percent < 35.0
+  assert accuracy >= 85.0  # the shipped model and gates at the default budget
+  kept_percent = float(run.stdout.split("| all |")[1].split("|")[0])
+  assert kept_percent < 30.0  # measured: 27
+  allocated_percent = float(run.stdout.split("full (")[1].split("%")[0])
+  assert allocated_percent < 55.0  # the default budget, 0.5
 
 
 def test_preset_with_policy_and_json(micro_preset, tmp_path):
