@@ -63,7 +63,12 @@ def gated_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jnp
   visible = jax.lax.stop_gradient(weights) > 0
   row_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1, keepdims=True)
   row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-  exponent = jnp.where(allowed, jnp.minimum(logits - row_max, _MAX_MASKED_EXPONENT), -jnp.inf)
+  shifted = logits - row_max  # <= 0 on visible keys
+  # Only masked keys are clipped, and by a select, not jnp.minimum: at a tie (the visible
+  # max sits exactly at 0) minimum's gradient is split in half, which would halve the
+  # gradient through every row's strongest visible key.
+  clipped = jnp.where(visible | (shifted < _MAX_MASKED_EXPONENT), shifted, _MAX_MASKED_EXPONENT)
+  exponent = jnp.where(allowed, clipped, -jnp.inf)
   unnormalised = weights * jnp.exp(exponent)  # [B, K, G, T, S]
   probs = unnormalised / jnp.sum(unnormalised, axis=-1, keepdims=True)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,

@@ -151,3 +151,30 @@ def test_evicted_sink_gives_a_bounded_straight_through_gradient():
   bound = t * 2 * float(jnp.abs(v).max()) * 2 * t * float(jnp.abs(v).max())
   assert np.abs(grad).max() < bound, grad
   assert grad[0, 0, 0] != 0  # the sink's flag still learns that keeping it would matter
+
+
+def test_gated_attention_gradients_equal_plain_softmax_attention():
+  """With every flag kept, gradients w.r.t. q, k, v equal a plain jax.nn.softmax attention's
+  (a clip on the exponent must never touch visible keys, not even at the row max)."""
+  from ag_jax.attention import gated_attention
+  rng = np.random.default_rng(1)
+  b, t, kv, g, h = 2, 5, 2, 2, 4
+  q = jnp.asarray(rng.normal(size=(b, t, kv, g, h)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, t, kv, h)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, t, kv, h)), jnp.float32)
+  allowed = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+
+  def reference(q, k, v):
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) / np.sqrt(h)
+    probs = jax.nn.softmax(jnp.where(allowed[:, None, None], logits, -jnp.inf), axis=-1)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+  want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  for keep in (None, jnp.ones((b, kv, t))):
+    got = jax.grad(loss(lambda q, k, v: gated_attention(q, k, v, allowed, keep)),
+                   argnums=(0, 1, 2))(q, k, v)
+    for g_got, g_want in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=1e-5)
