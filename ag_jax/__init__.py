@@ -8,9 +8,10 @@ from ag_jax.engine import GenerateResult, InferenceError, decode_step, generate,
 from ag_jax.hf_checkpoint import CheckpointError, load_hf_llama, save_hf_llama
 from ag_jax.model import Llama, init_variables, logical_axes
 from ag_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from ag_jax.default_world import load_default
 
 __all__ = [
     "GenerateResult", "InferenceError", "KVCache", "decode_step", "generate", "policies", "prefill",
     "ByteTokenizer", "CheckpointError", "ConfigError", "GateConfig", "HFTokenizer", "Llama",
-    "ModelConfig", "export_gates", "init_variables", "load_gates", "load_hf_llama", "save_hf_llama", "load_tokenizer", "logical_axes",
+    "ModelConfig", "export_gates", "init_variables", "load_gates", "load_default", "load_hf_llama", "save_hf_llama", "load_tokenizer", "logical_axes",
 ]

@@ -21,7 +21,7 @@ NUM_PROMPTS = 64
 
 @pytest.fixture(scope="module")
 def world():
-  model, variables, tokenizer = default_world.load_default()
+  model, variables, tokenizer = ag_jax.load_default()
   pairs = default_world.test_prompts(NUM_PROMPTS)
   prompts = [tokenizer.encode(p, add_bos=True) for p, _ in pairs]
   answers = np.array([tokenizer.encode(a, add_bos=False)[0] for _, a in pairs])
