@@ -10,10 +10,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+
+from ag_jax import atomic_io
 
 DESCRIPTION = """\
 Batch generation with a physically evicting KV cache.
@@ -32,10 +33,9 @@ Examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="decode.py", description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  src = p.add_argument_group("model")
+def add_model_arguments(p: argparse.ArgumentParser, title: str = "model"):
+  """--model, --gates, --tokenizer, --dtype: what `load_model` reads (shared with evaluate)."""
+  src = p.add_argument_group(title)
   src.add_argument("--model", help="an HF Llama directory (config.json + safetensors) or a preset "
                    "name from configs/models (random weights). Default: the embedded world")
   src.add_argument("--gates", help="a trained gate directory (gates.safetensors + gate_config.json)")
@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model directory, or bytes for presets)")
   src.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and compute dtype for HF models (default float32)")
+  return src
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="decode.py", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_model_arguments(p)
   pr = p.add_argument_group("prompts")
   pr.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   pr.add_argument("--prompts-file", help="a .txt file (one prompt per line) or .jsonl "
@@ -99,7 +106,7 @@ def read_prompts(args) -> list[Prompt]:
 
 
 def load_model(args):
-  """-> (model, variables, tokenizer, default prompts or None)."""
+  """-> (model, variables, tokenizer); no --model: the embedded default world."""
   import jax
   import ag_jax
   from ag_jax import config as config_lib
@@ -226,11 +233,7 @@ def write_json(report: dict, path: str):
     json.dump(report, sys.stdout, indent=2)
     print()
     return
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-    json.dump(report, f, indent=2)
-  os.replace(f.name, path)  # never a half-written file
+  atomic_io.write_text(path, json.dumps(report, indent=2))
 
 
 def main(argv=None) -> int:

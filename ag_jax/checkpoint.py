@@ -19,13 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 
+from ag_jax import atomic_io
 from ag_jax.config import ConfigError, GateConfig, ModelConfig, from_dict
 from ag_jax.hf_checkpoint import CheckpointError
 
@@ -153,23 +152,10 @@ def export_gates(path: str, gate_cfg: GateConfig, model_cfg: ModelConfig, gate_p
     raise CheckpointError(f"gate params {got} do not match the gate config, which needs {expected}")
   meta = {**dataclasses.asdict(gate_cfg), "model": _model_config_json(model_cfg)}
   path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-  try:
+  with atomic_io.replace_dir(path) as tmp:
     save_file(tensors, os.path.join(tmp, GATES_FILE), metadata={"format": "ag_jax.gates"})
     with open(os.path.join(tmp, GATE_CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
-    if os.path.exists(path):
-      old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
-      os.rename(path, os.path.join(old, "x"))
-      os.rename(tmp, path)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 
+from ag_jax import atomic_io
 from ag_jax.data.recall import RecallConfig, RecallSource
 
 # The corpus the shipped model is evaluated on (the test split of this spec).
@@ -66,28 +67,18 @@ def install(model_dir: str, gates_dir: str, recall: RecallConfig, budget: float,
             results: dict | None = None) -> str:
   """Copy a trained base model and its gates into the package assets (atomically)."""
   import shutil
-  import tempfile
 
   from ag_jax.checkpoint import load_gates
   from ag_jax.hf_checkpoint import load_hf_llama
 
   cfg, _ = load_hf_llama(model_dir)           # both must load before anything is replaced
   load_gates(gates_dir, model_cfg=cfg)
-  parent = os.path.dirname(ASSET_DIR)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-  try:
+  with atomic_io.replace_dir(ASSET_DIR) as tmp:
     shutil.copytree(model_dir, os.path.join(tmp, "model"))
     shutil.copytree(gates_dir, os.path.join(tmp, "gates"))
     world = {"recall": dataclasses.asdict(recall), "budget": budget, "results": results or {}}
     with open(os.path.join(tmp, "world.json"), "w") as f:
       json.dump(world, f, indent=2)
-    if os.path.exists(ASSET_DIR):
-      shutil.rmtree(ASSET_DIR)
-    os.rename(tmp, ASSET_DIR)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return ASSET_DIR
 
 

@@ -42,12 +42,8 @@ Examples:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m ag_jax.evaluate", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  src = p.add_argument_group("model (as decode.py)")
-  src.add_argument("--model", help="an HF Llama directory or a preset name (random weights). "
-                   "Default: the embedded world")
-  src.add_argument("--gates", help="a trained gate directory (gates.safetensors + gate_config.json)")
-  src.add_argument("--tokenizer", help="'bytes' or a tokenizer.json directory")
-  src.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  from ag_jax.batch_decode import add_model_arguments  # pylint: disable=g-import-not-at-top
+  src = add_model_arguments(p, "model (as decode.py)")
   src.add_argument("--seed", type=int, default=0, help="init seed of preset models")
   data = p.add_argument_group("tasks and data")
   data.add_argument("--task", action="append", default=[], help="recall (default), "

@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from ag_jax import atomic_io
 from ag_jax.config import ConfigError, ModelConfig
 
 
@@ -184,8 +185,6 @@ def save_hf_llama(path: str, cfg: ModelConfig, params: dict) -> None:
   Gate parameters, if present, are not part of an HF checkpoint and are skipped
   (export them with `ag_jax.checkpoint.export_gates`). Written to a temp dir, then renamed.
   """
-  import shutil
-  import tempfile
 
   from safetensors.numpy import save_file
 
@@ -218,16 +217,7 @@ def save_hf_llama(path: str, cfg: ModelConfig, params: dict) -> None:
       "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_position,
       "attention_bias": False, "mlp_bias": False, "torch_dtype": cfg.param_dtype,
   }
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-  try:
+  with atomic_io.replace_dir(path) as tmp:
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise

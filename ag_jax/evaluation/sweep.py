@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Sequence
 
 import yaml
 
-from ag_jax import policies
+from ag_jax import atomic_io, policies
 from ag_jax.engine import InferenceError
 from ag_jax.policies import Policy, PolicyError
 
@@ -86,17 +85,9 @@ def markdown_table(rows: Sequence[dict]) -> str:
   return "\n".join(out)
 
 
-def _write_atomic(path: str, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-    f.write(text)
-  os.replace(f.name, path)  # never a half-written file
-
-
 def write_results(rows: Sequence[dict], out_dir: str, meta: dict | None = None) -> tuple[str, str]:
   """results.json ({"meta", "rows"}) and results.md under out_dir; returns both paths."""
   json_path, md_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
-  _write_atomic(json_path, json.dumps({"meta": meta or {}, "rows": list(rows)}, indent=2))
-  _write_atomic(md_path, markdown_table(rows))
+  atomic_io.write_text(json_path, json.dumps({"meta": meta or {}, "rows": list(rows)}, indent=2))
+  atomic_io.write_text(md_path, markdown_table(rows))
   return json_path, md_path
