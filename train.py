@@ -58,25 +58,31 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  from ag_jax.config import ConfigError
-  from ag_jax.data import DataError
-  from ag_jax.hf_checkpoint import CheckpointError
-  from ag_jax.sharding import maybe_initialize_distributed
-  from ag_jax.train import TrainError, train
-  from ag_jax.train_config import load_train_config
+  from ag_jax.cli_errors import run_cli
+  return run_cli(lambda: _train(args))
+
+
+def _train(args) -> int:
   import time
-  start = time.perf_counter()
-  try:
-    cfg = load_train_config(args.config, args.overrides)  # before touching any device
-    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    result = train(cfg)
-  except (ConfigError, DataError, CheckpointError, TrainError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+
   import jax
+
+  from ag_jax.sharding import maybe_initialize_distributed
+  from ag_jax.train import train
+  from ag_jax.train_config import load_train_config
+  start = time.perf_counter()
+  cfg = load_train_config(args.config, args.overrides)  # before touching any device
+  maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  result = train(cfg)
   where = result.gates_dir or result.model_dir
   minutes = (time.perf_counter() - start) / 60
-  print(f"trained {result.step} steps on {jax.process_count()} process(es), "
+  if result.resumed_from is None:
+    steps = f"{result.step} steps"
+  elif result.resumed_from == result.step:
+    steps = f"no steps (the checkpoint is at run.steps={result.step} already)"
+  else:
+    steps = f"steps {result.resumed_from + 1}-{result.step} (resumed from step {result.resumed_from})"
+  print(f"trained {steps} on {jax.process_count()} process(es), "
         f"{jax.device_count()} devices in {minutes:.1f} min (wall)"
         + (f"; wrote {where}" if where else ""))
   return 0

@@ -8,7 +8,13 @@ from ag_jax.engine import GenerateResult, InferenceError, decode_step, generate,
 from ag_jax.hf_checkpoint import CheckpointError, load_hf_llama, save_hf_llama
 from ag_jax.model import Llama, init_variables, logical_axes
 from ag_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from ag_jax.default_world import load_default
+
+def load_default(with_gates: bool = True):
+  """The embedded default world (ag_jax.default_world.load_default); imported on first use so
+  that `python -m ag_jax.default_world` runs that module once (no runpy warning)."""
+  from ag_jax.default_world import load_default as load  # pylint: disable=g-import-not-at-top
+  return load(with_gates)
+
 
 __all__ = [
     "GenerateResult", "InferenceError", "KVCache", "decode_step", "generate", "policies", "prefill",

@@ -87,21 +87,78 @@ class Prompt:
   answer: str | None = None
 
 
+def _config_error(message: str):
+  from ag_jax.config import ConfigError
+  return ConfigError(message)
+
+
+def check_args(args) -> None:
+  """Checks of the flags alone, before anything is loaded or compiled."""
+  positive = {"--max-new-tokens": args.max_new_tokens, "--batch-size": args.batch_size,
+              "--num-prompts": args.num_prompts, "--capacity": args.capacity}
+  for flag, value in positive.items():
+    if value is not None and value < 1:
+      raise _config_error(f"{flag} must be a positive integer, got {value}")
+  if args.budget is not None and not 0.0 < args.budget <= 1.0:
+    raise _config_error(f"--budget must be a fraction in (0, 1], got {args.budget}")
+  if args.temperature < 0:
+    raise _config_error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+  if args.top_k < 0:
+    raise _config_error(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+  if not 0.0 < args.top_p <= 1.0:
+    raise _config_error(f"--top-p must be in (0, 1], got {args.top_p}")
+  if args.policy_arg and args.policy is None:
+    raise _config_error("--policy-arg needs --policy (e.g. --policy streaming_llm --policy-arg sink=4)")
+  if args.json and args.json != "-":
+    check_writable(args.json, "--json")
+
+
+def check_writable(path: str, flag: str) -> None:
+  """`path` can be written (probed in its nearest existing folder), before the run starts."""
+  import tempfile
+  if os.path.isdir(path):
+    raise _config_error(f"{flag} {path!r} is a directory; give a file path, e.g. {path}/out.json")
+  folder = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise _config_error(f"{flag} {path!r} cannot be written: {folder!r} is a file, not a folder; "
+                        "choose another path")
+  try:
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise _config_error(f"{flag} {path!r} cannot be written ({e.strerror} in {folder!r}); choose a "
+                        "writable path") from None
+
+
 def read_prompts(args) -> list[Prompt]:
   prompts = [Prompt(t) for t in args.prompt]
   if args.prompts_file:
-    if not os.path.exists(args.prompts_file):
-      raise FileNotFoundError(f"prompts file {args.prompts_file!r} does not exist")
-    with open(args.prompts_file) as f:
-      if args.prompts_file.endswith(".jsonl"):
-        for n, line in enumerate(f, 1):
-          if line.strip():
-            row = json.loads(line)
-            if "prompt" not in row:
-              raise ValueError(f"{args.prompts_file}:{n} has no 'prompt' field")
-            prompts.append(Prompt(row["prompt"], row.get("answer")))
-      else:
-        prompts += [Prompt(line.rstrip("\n")) for line in f if line.strip()]
+    path = args.prompts_file
+    if not os.path.isfile(path):
+      raise _config_error(f"prompts file {path!r} does not exist")
+    try:
+      with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    except UnicodeDecodeError:
+      raise _config_error(f"prompts file {path!r} is not UTF-8 text") from None
+    if path.endswith(".jsonl"):
+      for n, line in enumerate(lines, 1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise _config_error(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); each "
+                              'line must be an object like {"prompt": "...", "answer": "..."}') from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+          raise _config_error(f"{path}:{n}: each line must be a JSON object with a string "
+                              "'prompt' field (and optionally 'answer')")
+        answer = row.get("answer")
+        prompts.append(Prompt(row["prompt"], None if answer is None else str(answer)))
+    else:
+      prompts += [Prompt(line) for line in lines if line.strip()]
   return prompts
 
 
@@ -113,16 +170,30 @@ def load_model(args):
 
   if args.model is None:
     from ag_jax import default_world
-    model, variables, tokenizer = default_world.load_default()
-    return model, variables, tokenizer
+    if args.gates is None:
+      return default_world.load_default()
+    # --gates without --model: the gates run on the default world's base model, which they
+    # must have been trained for (load_gates checks), never silently the built-in gates.
+    model, variables, tokenizer = default_world.load_default(with_gates=False)
+    gate, gate_params = ag_jax.load_gates(args.gates, model_cfg=model.cfg)
+    params = variables["params"]
+    params = {**params, "layers": {**params["layers"], "gate": gate_params}}
+    return ag_jax.Llama(model.cfg, gate=gate), {"params": params}, tokenizer
+  looks_like_path = os.sep in args.model or args.model.startswith((".", "~"))
   if os.path.isdir(args.model):
     import jax.numpy as jnp
     cfg, params = ag_jax.load_hf_llama(args.model, dtype=jnp.dtype(args.dtype))
-    tokenizer = ag_jax.load_tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(args.tokenizer or args.model)
+  elif looks_like_path and not args.model.endswith((".yaml", ".yml")):
+    raise _config_error(f"--model {args.model!r}: no such model directory; pass a local HF model "
+                        "directory (config.json + *.safetensors) or a preset name such as tiny")
   else:
+    if args.gates and not os.path.exists(args.gates):
+      raise _config_error(f"--gates {args.gates!r} does not exist; pass a gate export directory "
+                          "(gates.safetensors + gate_config.json)")
     cfg = config_lib.preset(args.model)
     params = ag_jax.init_variables(ag_jax.Llama(cfg), jax.random.key(args.seed))["params"]
-    tokenizer = ag_jax.load_tokenizer(args.tokenizer or "bytes")
+    tokenizer = _tokenizer(args.tokenizer or "bytes")
   gate = None
   if args.gates:
     gate, gate_params = ag_jax.load_gates(args.gates, model_cfg=cfg)
@@ -130,15 +201,77 @@ def load_model(args):
   return ag_jax.Llama(cfg, gate=gate), {"params": params}, tokenizer
 
 
+def _tokenizer(spec: str):
+  import ag_jax
+  try:
+    return ag_jax.load_tokenizer(spec)
+  except (FileNotFoundError, OSError, ValueError) as e:
+    raise _config_error(f"--tokenizer {spec!r}: {e}") from None
+
+
+def _knob_fits(value, hint) -> bool:
+  import typing
+  if hint is typing.Any:
+    return True
+  if typing.get_origin(hint) is typing.Union:
+    return any(_knob_fits(value, h) for h in typing.get_args(hint))
+  if hint is type(None):
+    return value is None
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               type(None): "null"}
+
+
+def parse_policy_args(policy: str, items) -> dict:
+  """`["window=32"]` -> {"window": 32}, each value checked against the policy's knob type."""
+  import typing
+
+  import yaml
+
+  from ag_jax import policies
+  key = policy.lower().replace("-", "_")
+  if key not in policies.REGISTRY:
+    raise policies.PolicyError(f"unknown policy {policy!r}; known policies: "
+                               f"{', '.join(sorted(policies.REGISTRY))}")
+  cls = policies.REGISTRY[key]
+  hints = typing.get_type_hints(cls)
+  knobs = {}
+  for item in items:
+    name, sep, raw = item.partition("=")
+    name = name.strip()
+    if not sep or not name:
+      raise _config_error(f"--policy-arg {item!r} is not KEY=VALUE (e.g. window=32)")
+    if name not in hints:
+      known = [f.name for f in __import__("dataclasses").fields(cls)]
+      raise policies.PolicyError(f"policy {key!r} has no knob {name}; its knobs: "
+                                 f"{', '.join(known) or 'none'}")
+    try:
+      value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+      value = raw
+    if not _knob_fits(value, hints[name]):
+      hint = hints[name]
+      options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+      expected = " or ".join(_TYPE_WORDS.get(o, getattr(o, "__name__", str(o))) for o in options)
+      raise policies.PolicyError(f"--policy-arg {item!r}: the {key} knob {name} needs "
+                                 f"{expected}, got {raw!r}")
+    knobs[name] = value
+  return knobs
+
+
 def make_policy(args, model):
-  from ag_jax import config as config_lib
   from ag_jax import engine, policies
   if args.policy is None:
     if args.policy_arg:
-      raise ValueError("--policy-arg needs --policy")
+      raise _config_error("--policy-arg needs --policy")
     return engine.default_policy(model)
-  knobs = config_lib.parse_overrides(args.policy_arg)
-  return policies.make_policy(args.policy, **knobs)
+  return policies.make_policy(args.policy, **parse_policy_args(args.policy, args.policy_arg))
 
 
 def _abridge(text: str, width: int = 72) -> str:
@@ -151,14 +284,18 @@ def run(args) -> dict:
   from ag_jax.sampling import SamplingConfig
   from tqdm import tqdm
 
-  model, variables, tokenizer = load_model(args)
+  check_args(args)
   prompts = read_prompts(args)
+  if args.model is not None and not prompts:
+    raise _config_error("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+  if args.policy is not None:
+    parse_policy_args(args.policy, args.policy_arg)  # knob errors before any weights load
+  model, variables, tokenizer = load_model(args)
   if args.model is None and not prompts:
     from ag_jax import default_world
     prompts = [Prompt(p, a) for p, a in default_world.test_prompts(args.num_prompts)]
-  if not prompts:
-    raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
-  max_new = args.max_new_tokens or (4 if args.model is None else 32)
+  max_new = args.max_new_tokens if args.max_new_tokens is not None else (
+      4 if args.model is None else 32)
   budget = args.budget
   if args.model is None and budget is None and args.capacity is None and args.policy in (None, "ag"):
     from ag_jax import default_world
@@ -181,7 +318,9 @@ def run(args) -> dict:
         from ag_jax.data.recall import score_answer
         row["answer"], row["correct"] = p.answer, bool(score_answer(text, p.answer))
       rows.append(row)
-  return summarize(rows, stats, policy, tokenizer)
+  report = summarize(rows, stats, policy, tokenizer)
+  report["summary"]["gates"] = args.gates or ("default world" if args.model is None else None)
+  return report
 
 
 def summarize(rows, stats, policy, tokenizer) -> dict:
@@ -213,7 +352,8 @@ def print_report(report: dict, quiet: bool = False, out=sys.stdout):
       mark = "" if "correct" not in r else ("  ✓" if r["correct"] else f"  ✗ (answer {r['answer']!r})")
       print(f"» {_abridge(r['prompt'])}\n  → {r['generation']!r}{mark}", file=out)
     print(file=out)
-  print(f"policy: {s['policy']}   capacity: {s['capacity']} tokens per row", file=out)
+  gates = f"   gates: {s['gates']}" if s.get("gates") else ""
+  print(f"policy: {s['policy']}   capacity: {s['capacity']} tokens per row{gates}", file=out)
   print("| layer | kept % |", file=out)
   print("|---:|---:|", file=out)
   for i, k in enumerate(s["kept_per_layer"]):
@@ -238,13 +378,13 @@ def write_json(report: dict, path: str):
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  try:
+  from ag_jax.cli_errors import run_cli
+
+  def go() -> int:
     report = run(args)
-  except (ValueError, FileNotFoundError) as e:  # our input errors all derive from these
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print_report(report, quiet=args.quiet or args.json == "-",
-               out=sys.stderr if args.json == "-" else sys.stdout)
-  if args.json:
-    write_json(report, args.json)
-  return 0
+    print_report(report, quiet=args.quiet or args.json == "-",
+                 out=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+      write_json(report, args.json)
+    return 0
+  return run_cli(go)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ag_jax import atomic_io
 from ag_jax.config import ConfigError, GateConfig, ModelConfig, from_dict
-from ag_jax.hf_checkpoint import CheckpointError
+from ag_jax.hf_checkpoint import FLOAT_DTYPES, CheckpointError, read_json, safetensors_header
 
 GATES_FILE = "gates.safetensors"
 GATE_CONFIG_FILE = "gate_config.json"
@@ -179,8 +179,10 @@ def load_gates(path: str, model_cfg: ModelConfig | None = None) -> tuple[GateCon
     if not os.path.exists(file):
       raise CheckpointError(f"{file!r} does not exist: a gate export directory holds "
                             f"{GATES_FILE} and {GATE_CONFIG_FILE} (written by training to out_dir/gates)")
-  with open(config_file) as f:
-    meta = json.load(f)
+  meta = read_json(config_file, GATE_CONFIG_FILE)
+  if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+    raise CheckpointError(f"{config_file!r} is not a valid gate config: it must be a JSON object "
+                          "with the GateConfig fields and a 'model' object; export the gates again")
   try:
     trained_for = from_dict(ModelConfig, meta.pop("model"), where="model.")
     gate_cfg = from_dict(GateConfig, meta)
@@ -191,10 +193,12 @@ def load_gates(path: str, model_cfg: ModelConfig | None = None) -> tuple[GateCon
     if diff:
       raise CheckpointError(f"the gates in {folder!r} were trained for a different model: "
                             + "; ".join(diff))
-  with safe_open(tensors_file, "numpy") as f:
-    flat = {k: f.get_tensor(k) for k in f.keys()}
+  header = safetensors_header(tensors_file)  # a damaged file fails here, named
+  for name, (dtype, _) in header.items():
+    if dtype not in FLOAT_DTYPES:
+      raise CheckpointError(f"{tensors_file!r}: {name} has dtype {dtype}; gates are float tensors")
   expected = expected_gate_shapes(gate_cfg, trained_for)
-  got = {k: tuple(v.shape) for k, v in flat.items()}
+  got = {k: shape for k, (_, shape) in header.items()}
   if got != expected:
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
@@ -205,4 +209,6 @@ def load_gates(path: str, model_cfg: ModelConfig | None = None) -> tuple[GateCon
             f"missing {missing}" if missing else "",
             f"unexpected {extra}" if extra else "",
             ", ".join(f"{k} has shape {got[k]}, expected {expected[k]}" for k in wrong)])))
+  with safe_open(tensors_file, "numpy") as f:
+    flat = {k: f.get_tensor(k) for k in f.keys()}
   return gate_cfg, _unflatten(flat, GATE_PREFIX)

@@ -174,7 +174,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     *parents, leaf = key.strip().split(".")
     for p in parents:
       node = node.setdefault(p, {})
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+      node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+      raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                        "quote it, e.g. key='text'") from None
   return out
 
 
@@ -231,11 +235,23 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
     raise ConfigError(f"{where or cls.__name__ + ': '}{e}") from None
 
 
+def _yaml_problem(e: Exception) -> str:
+  """One line from a yaml error: what is wrong and where (1-based line and column)."""
+  mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+  problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+  where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+  return f"{problem}{where}"
+
+
 def read_yaml(path: str) -> dict[str, Any]:
   if not os.path.exists(path):
     raise ConfigError(f"config file {path!r} does not exist")
-  with open(path) as f:
-    data = yaml.safe_load(f) or {}
+  try:
+    with open(path) as f:
+      data = yaml.safe_load(f) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"config file {path!r} is not valid YAML: {_yaml_problem(e)}; fix that "
+                      "line") from None
   if not isinstance(data, Mapping):
     raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
   return dict(data)

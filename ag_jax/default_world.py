@@ -86,7 +86,7 @@ def main(argv=None) -> int:
   import argparse
   import sys
 
-  from ag_jax.data.sources import DataError, open_source
+  from ag_jax.data.sources import open_source
 
   p = argparse.ArgumentParser(
       prog="python -m ag_jax.default_world",
@@ -100,14 +100,17 @@ def main(argv=None) -> int:
   p.add_argument("--budget", type=float, default=0.25,
                  help="the KV budget decode.py uses for AG by default (default 0.25)")
   args = p.parse_args(argv)
-  try:
+  from ag_jax.cli_errors import run_cli
+  from ag_jax.config import ConfigError
+
+  def go() -> int:
+    if not 0.0 < args.budget <= 1.0:
+      raise ConfigError(f"--budget must be a fraction in (0, 1], got {args.budget}")
     recall_source = open_source(args.recall, "test")
     path = install(*args.install, recall=recall_source.config, budget=args.budget)
-  except (ValueError, FileNotFoundError, DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"installed the default world in {path}")
-  return 0
+    print(f"installed the default world in {path}")
+    return 0
+  return run_cli(go)
 
 
 if __name__ == "__main__":

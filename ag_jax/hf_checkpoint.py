@@ -27,6 +27,66 @@ class CheckpointError(ValueError):
   """The checkpoint does not match what ag-jax expects; the message names the tensor."""
 
 
+def read_json(path: str, what: str = "file"):
+  """A JSON file -> its value; a parse error names the file, line and column."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path!r} is not valid JSON ({e.msg} at line {e.lineno}, column "
+                          f"{e.colno}): this {what} is damaged; restore or rewrite it") from None
+  except UnicodeDecodeError:
+    raise CheckpointError(f"{path!r} is not a UTF-8 JSON text: this {what} is damaged; "
+                          "restore or rewrite it") from None
+
+
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+              "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """Validate a .safetensors file without reading its tensors -> name -> (dtype, shape).
+
+  Empty, truncated or random files raise one CheckpointError that names the file."""
+  import struct
+
+  fix = "the file is damaged or incomplete (an interrupted copy?): copy or export it again"
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise CheckpointError(f"{path!r} is not a safetensors file ({size} bytes, no header): {fix}")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8 or n > 100 * 2**20:
+      raise CheckpointError(f"{path!r} is not a safetensors file (its header claims {n} bytes, "
+                            f"the file has {size}): {fix}")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw.decode("utf-8"))
+    if not isinstance(header, dict):
+      raise ValueError("not an object")
+  except ValueError:
+    raise CheckpointError(f"{path!r} is not a safetensors file (its header is not JSON): {fix}") from None
+  data_bytes = size - 8 - n
+  out = {}
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+      raise CheckpointError(f"{path!r} has a malformed header entry for {name!r}: {fix}") from None
+    if dtype not in _ST_DTYPES or end - start != int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES[dtype]:
+      raise CheckpointError(f"{path!r}: tensor {name!r} ({dtype}, shape {shape}) does not match "
+                            f"its byte range: {fix}")
+    if not 0 <= start <= end <= data_bytes:
+      raise CheckpointError(f"{path!r} is truncated: tensor {name!r} needs bytes up to {end}, the "
+                            f"file holds {data_bytes} after its header: {fix}")
+    out[name] = (dtype, shape)
+  return out
+
+
 # HF layer tensor suffix -> (our path inside params["layers"], transform of the HF matrix).
 def _layer_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray]]]:
   e, n, k, h = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -68,24 +128,59 @@ def read_config(path: str) -> dict:
     raise CheckpointError(f"checkpoint directory {path!r} does not exist")
   if not os.path.exists(file):
     raise CheckpointError(f"{path!r} has no config.json: pass a local HF model directory")
-  with open(file) as f:
-    return json.load(f)
+  hf = read_json(file, "config.json")
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{file!r} must hold a JSON object (an HF model config)")
+  return hf
 
 
 def _tensor_files(path: str) -> dict[str, str]:
   """HF tensor name -> safetensors file holding it."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    try:
+      weight_map = read_json(index, "checkpoint index")["weight_map"]
+    except (KeyError, TypeError):
+      raise CheckpointError(f"{index!r} has no 'weight_map' object: the index is damaged") from None
     return {name: os.path.join(path, file) for name, file in weight_map.items()}
   single = os.path.join(path, "model.safetensors")
   if not os.path.exists(single):
     raise CheckpointError(
         f"{path!r} has neither model.safetensors nor model.safetensors.index.json "
         "(only safetensors checkpoints are read; convert .bin files with transformers first)")
-  with safe_open(single, "numpy") as f:
-    return {name: single for name in f.keys()}
+  return {name: single for name in safetensors_header(single)}
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """HF tensor name -> the shape config.json implies."""
+  e, n, k, h, f, v = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+  per_layer = {"self_attn.q_proj.weight": (n * h, e), "self_attn.k_proj.weight": (k * h, e),
+               "self_attn.v_proj.weight": (k * h, e), "self_attn.o_proj.weight": (e, n * h),
+               "mlp.gate_proj.weight": (f, e), "mlp.up_proj.weight": (f, e),
+               "mlp.down_proj.weight": (e, f), "input_layernorm.weight": (e,),
+               "post_attention_layernorm.weight": (e,)}
+  out = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,), "lm_head.weight": (v, e)}
+  for i in range(cfg.num_layers):
+    out.update({f"model.layers.{i}.{s}": shape for s, shape in per_layer.items()})
+  return out
+
+
+def check_hf_checkpoint(path: str, cfg: ModelConfig) -> None:
+  """Every safetensors file parses and every tensor has a float dtype and the shape
+  config.json implies; reads headers only (seconds, before any weights are loaded)."""
+  files = _tensor_files(path)
+  expected = hf_shapes(cfg)
+  for file in sorted(set(files.values())):
+    if not os.path.exists(file):
+      raise CheckpointError(f"the index names {os.path.basename(file)!r}, which is missing in {path!r}")
+    for name, (dtype, shape) in safetensors_header(file).items():
+      if name in expected and shape != expected[name]:
+        raise CheckpointError(
+            f"tensor {name!r} in {file!r} has shape {shape}, but {os.path.join(path, 'config.json')!r} "
+            f"implies {expected[name]}: the weights and config.json are of different models")
+      if name in expected and dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"tensor {name!r} in {file!r} has dtype {dtype}; model weights must "
+                              f"be one of {FLOAT_DTYPES}")
 
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -126,6 +221,7 @@ def load_hf_llama(path: str, dtype=jnp.float32, shardings=None) -> tuple[ModelCo
       target[where[-1]][layer] = value
     filled[(where, layer)] = hf_name
 
+  check_hf_checkpoint(path, cfg)
   layer_map = _layer_map(cfg)
   files = _tensor_files(path)
   by_file: dict[str, list[str]] = {}

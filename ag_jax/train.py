@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -39,6 +40,7 @@ class TrainResult:
   gates_dir: str | None          # where the gates were exported
   model_dir: str | None          # where the base model was written (trainable=all)
   trainable: Any = None          # the final trainable params on the host (gates, or all)
+  resumed_from: int | None = None  # the checkpoint step this run continued, if any
 
 
 def _host(tree):
@@ -98,7 +100,7 @@ class _Logger:
       return
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
-    self.writer = SummaryWriter(cfg.run.out_dir)
+    self.writer = SummaryWriter(cfg.run.out_dir, purge_step=start + 1)  # drop re-run steps
     self.jsonl = open(os.path.join(cfg.run.out_dir, "metrics.jsonl"), "a")
     self.bar = tqdm(total=cfg.run.steps, initial=start, desc="train", unit="step",
                     disable=not cfg.run.progress, dynamic_ncols=True)
@@ -158,19 +160,96 @@ def _save(run: Run, checkpointer: TrainCheckpointer, state, step: int) -> None:
   checkpointer.save(step, state, gather_data_state(run.iterator), run.cfg.to_dict())
 
 
+# Settings a resumed run may change: they decide how the run is watched, stored or laid
+# out on devices, not what it computes. Any other difference from the checkpoint's config
+# is refused (a warning names these).
+HARMLESS_ON_RESUME = ("run.out_dir", "run.eval_every", "run.eval_batches", "run.log_every",
+                      "run.progress", "run.remat", "run.seed", "run.steps", "checkpoint.",
+                      "mesh.", "data.eval_split", "data.data_dir")
+_ABSENT = object()
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict) or not tree:
+    return {prefix[:-1]: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}{key}."))
+  return out
+
+
+def config_diff(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+  """(dotted key, saved value, current value) of every setting that differs. A key the
+  checkpoint lacks (written by older code) counts only when not at its default."""
+  defaults = _flat(json.loads(json.dumps(TrainConfig().to_dict())))
+  old, new = _flat(saved), _flat(current)
+  diff = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+    if a is _ABSENT and b == defaults.get(key, _ABSENT):
+      continue
+    if a != b:
+      diff.append((key, a, b))
+  return diff
+
+
+def _show(value) -> str:
+  return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
+def check_resume(cfg: TrainConfig, saved_cfg: dict, step: int, directory: str) -> None:
+  """Refuse a resume whose settings differ from the checkpoint's in what they compute, and
+  a run.steps below the checkpoint's step; warn about the harmless differences."""
+  current = json.loads(json.dumps(cfg.to_dict()))  # as it reads back from JSON
+  diff = config_diff(saved_cfg, current)
+  refused = [d for d in diff if not d[0].startswith(HARMLESS_ON_RESUME)]
+  if refused:
+    raise ConfigError(
+        f"the checkpoint at step {step} in {directory} was trained with other settings: "
+        + "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in refused)
+        + ". Rerun with the checkpoint's values to continue it, or set run.out_dir (or "
+        "checkpoint.dir) to a new folder to start a new run")
+  if cfg.run.steps < step:
+    raise ConfigError(
+        f"run.steps={cfg.run.steps} is below the step of the checkpoint in {directory} "
+        f"({step}): set run.steps>={step} to continue it, or set run.out_dir (or checkpoint.dir) "
+        "to a new folder to start a new run")
+  harmless = [d for d in diff if d[0].startswith(HARMLESS_ON_RESUME)]
+  if harmless and jax.process_index() == 0:
+    note = ""
+    if any(k == "run.steps" for k, _, _ in harmless) and cfg.optim.decay_steps is None:
+      note = " (the cosine schedule now spans the new run.steps)"
+    print("warning: resuming with settings that differ from the checkpoint's: "
+          + "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in harmless) + note,
+          file=sys.stderr, flush=True)
+
+
+def read_saved_config(checkpointer: TrainCheckpointer, step: int) -> dict:
+  ocp = checkpointer._ocp  # pylint: disable=protected-access
+  return checkpointer.manager.restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def _truncate_metrics(out_dir: str, step: int) -> None:
+  """Drop metrics.jsonl lines after `step`: steps run again are logged once."""
+  path = os.path.join(out_dir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):
+        continue  # a line cut short by a crash
+  from ag_jax import atomic_io
+  atomic_io.write_text(path, "".join(kept))
+
+
 def _restore(run: Run, checkpointer: TrainCheckpointer, state):
   step = checkpointer.latest_step()
-  state, data_state, saved_cfg = checkpointer.restore(step, abstract_like(state))
-  current = json.loads(json.dumps(run.cfg.to_dict()))  # as it reads back from JSON
-  for section in ("model", "gate"):
-    if saved_cfg.get(section) != current[section]:
-      raise ConfigError(
-          f"the checkpoint at step {step} in {checkpointer.directory} was trained with "
-          f"{section}={saved_cfg.get(section)}, but this run has {section}={current[section]}; "
-          "use another checkpoint.dir to start a new run")
-  if saved_cfg["run"]["trainable"] != run.cfg.run.trainable:
-    raise ConfigError(f"the checkpoint in {checkpointer.directory} trained "
-                      f"run.trainable={saved_cfg['run']['trainable']}, not {run.cfg.run.trainable}")
+  state, data_state, _ = checkpointer.restore(step, abstract_like(state))
   try:
     run.iterator.set_state(data_state)
   except ValueError as e:
@@ -181,19 +260,29 @@ def _restore(run: Run, checkpointer: TrainCheckpointer, state):
 
 def train(cfg: TrainConfig) -> TrainResult:
   """Run training as `cfg` says; resumes from the latest checkpoint in checkpoint.dir."""
-  run = build_run(cfg)
-  state = run.state
   ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.out_dir, "checkpoints")
   checkpointer = TrainCheckpointer(ckpt_dir, cfg.checkpoint.every, cfg.checkpoint.keep,
                                    cfg.checkpoint.async_save)
-  start, last_saved = 0, None
-  if checkpointer.latest_step() is not None:
-    if not cfg.checkpoint.resume:
-      raise ConfigError(f"checkpoint.dir {ckpt_dir} already holds steps "
-                        f"{checkpointer.all_steps()}; set checkpoint.resume=true to continue "
-                        "that run, or choose an empty checkpoint.dir")
-    state, start = _restore(run, checkpointer, state)
-    last_saved = start
+  try:
+    latest = checkpointer.latest_step()
+    if latest is not None:  # checked before anything is built or compiled
+      if not cfg.checkpoint.resume:
+        raise ConfigError(f"checkpoint.dir {ckpt_dir} already holds steps "
+                          f"{checkpointer.all_steps()}; set checkpoint.resume=true to continue "
+                          "that run, or choose an empty checkpoint.dir")
+      check_resume(cfg, read_saved_config(checkpointer, latest), latest, checkpointer.directory)
+    run = build_run(cfg)
+    state = run.state
+    start, last_saved = 0, None
+    if latest is not None:
+      state, start = _restore(run, checkpointer, state)
+      last_saved = start
+      if jax.process_index() == 0:
+        print(f"resuming from step {start} (checkpoint {checkpointer.directory})", flush=True)
+  except BaseException:
+    checkpointer.close()
+    raise
+  _truncate_metrics(cfg.run.out_dir, start)
   logger = _Logger(cfg, start)
   history, eval_history, pending = [], [], []
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -234,7 +323,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     checkpointer.wait()
     checkpointer.close()
     logger.close()
-  return _finish(run, state, history, eval_history)
+  result = _finish(run, state, history, eval_history)
+  result.resumed_from = None if latest is None else start
+  return result
 
 
 def _finish(run: Run, state, history, eval_history) -> TrainResult:

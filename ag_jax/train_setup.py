@@ -72,6 +72,8 @@ def resolve_model_config(section: ModelSection) -> ModelConfig:
     raise ConfigError(f"model.hf_path: {e}. Put the HF model (config.json, tokenizer.json, "
                       "*.safetensors) there, or point model.hf_path at it") from None
   hf_cfg = ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=dtype)
+  from ag_jax.hf_checkpoint import check_hf_checkpoint
+  check_hf_checkpoint(section.hf_path, hf_cfg)  # damaged files fail here, before any compile
   if preset_cfg is not None:
     diff = [f"{f}: checkpoint {getattr(hf_cfg, f)!r}, preset {getattr(preset_cfg, f)!r}"
             for f in ARCHITECTURE_FIELDS if getattr(hf_cfg, f) != getattr(preset_cfg, f)]

@@ -73,6 +73,12 @@ class RecallConfig:
   seed: int = 0                   # base seed; each split derives its own stream from it
 
   def __post_init__(self):
+    for name in ("doc_len", "num_facts", "num_queries", "key_len", "value_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(self.seed, int) or self.seed < 0:
+      raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
     if self.distractor not in DISTRACTORS:
       raise ValueError(f"distractor={self.distractor!r}: expected one of {DISTRACTORS}")
     if self.query_position not in QUERY_POSITIONS:

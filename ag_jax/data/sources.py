@@ -55,6 +55,8 @@ def _open_recall(spec: str, split: str) -> recall.RecallSource:
       except ValueError:
         raise DataError(f"recall option {key} needs an integer, got {value!r}") from None
     if key == "size":
+      if value < 1:
+        raise DataError(f"bad recall spec {spec!r}: size must be a positive integer, got {value}")
       size = value
     else:
       kwargs[key] = value.strip() if isinstance(value, str) else value
