@@ -84,27 +84,31 @@ class H2ORule(Rule):
 
 
 class SnapKVRule(Rule):
+  """kvpress SnapKVPress: mean over window queries, pool per query head, mean over group."""
+
   def __init__(self, window, kernel, pooling):
     self.window, self.kernel, self.pooling = window, kernel, pooling
 
   def prefill(self, probs, n, head):
     group = probs.shape[0]
     observe = [t >= n - self.window for t in range(n)]
-    votes = [sum(probs[g, i, j] for g in range(group) for i in range(n) if observe[i])
-             for j in range(n)]
     half = self.kernel // 2
     score = []
     for j in range(n):
       if observe[j]:
-        score.append(1.0 + j)
+        score.append(2.0 + j)
         continue
-      near = [votes[i] for i in range(j - half, j + half + 1) if 0 <= i < n and not observe[i]]
-      pooled = max(near) if self.pooling == "max" else sum(near) / self.kernel
-      score.append(pooled / (self.window * group + 1))
+      per_head = []
+      for g in range(group):
+        votes = [sum(probs[g, i, m] for i in range(n) if observe[i]) / self.window
+                 for m in range(n)]
+        near = [votes[m] for m in range(j - half, j + half + 1) if 0 <= m < n and not observe[m]]
+        per_head.append(max(near) if self.pooling == "max" else sum(near) / self.kernel)
+      score.append(sum(per_head) / group)
     return [True] * n, score
 
   def admit(self, p, head):
-    return True, 1.0 + p
+    return True, 2.0 + p
 
 
 class RandomRule(Rule):
@@ -228,6 +232,8 @@ CASES = {
     "snapkv_max": (policies.SnapKV(window=3, kernel=3), SnapKVRule(3, 3, "max")),
     "snapkv_avg": (policies.SnapKV(window=4, kernel=5, pooling="avg"), SnapKVRule(4, 5, "avg")),
     "random": (policies.Random(ratio=0.6, seed=7), RandomRule(0.6, 7)),
+    # The default admits every token (kvpress RandomPress): the budget fills.
+    "random_default": (policies.Random(seed=7), RandomRule(1.0, 7)),
     # The Pallas kernels in interpret mode: compaction, and the decode kernel's mass output.
     "h2o_pallas_interpret": (policies.H2O(), H2ORule(heavy=3, recent=3), "interpret"),
 }
@@ -284,9 +290,10 @@ def test_window_policies_shrink_the_cache_and_h2o_resolves_its_knobs():
 
 
 def test_make_policy_names_and_knob_errors():
-  assert policies.make_policy("snapkv", window=8, pooling="avg") == policies.SnapKV(8, 7, "avg")
+  assert policies.make_policy("snapkv", window=8, pooling="avg") == policies.SnapKV(8, 5, "avg")
   assert isinstance(policies.make_policy("Streaming-LLM"), policies.StreamingLLM)
-  for name in ("streaming_llm", "h2o", "snapkv", "random", "local"):
+  for name in ("streaming_llm", "h2o", "snapkv", "random", "local", "observed_attention",
+               "knorm", "tova"):
     assert policies.make_policy(name).evicts
   with pytest.raises(policies.PolicyError, match="no knob sinks; its knobs: sink, window"):
     policies.make_policy("streaming_llm", sinks=2)
@@ -308,3 +315,79 @@ def test_random_is_deterministic_uniform_and_differs_per_head():
   again = np.asarray(policies.Random(ratio=0.3, seed=5)._draw(position)[1])
   other = np.asarray(policies.Random(ratio=0.3, seed=6)._draw(position)[1])
   assert (again == u).all() and (other != u).mean() > 0.99
+
+
+# ------------------------------------------------------------------------------------------
+# kvpress's definitions in numpy (one unpadded prompt per row, as kvpress sees it), against
+# our policies' prefill_select followed by the engine's compaction at a capacity.
+
+def kvpress_scores(name, probs, keys, n, kw):
+  """probs [K, G, n, n] causal softmax, keys [K, n, H] -> scores [K, n] (higher kept)."""
+  K, G = probs.shape[:2]
+  if name == "snapkv":
+    w, kern = kw["window"], kw["kernel"]
+    att = probs[:, :, n - w:, :n - w].mean(axis=2)                      # [K, G, n-w]
+    pad = np.pad(att, ((0, 0), (0, 0), (kern // 2, kern // 2)))
+    pooled = np.stack([pad[..., i:i + kern].mean(-1) for i in range(n - w)], -1)
+    s = pooled.mean(1)
+    return np.concatenate([s, np.full((K, w), s.max() + 1)], -1)
+  if name == "observed_attention":
+    return (probs.sum(2) / np.arange(n, 0, -1)).mean(1)
+  if name == "tova":
+    s = probs[:, :, -1, :-1].reshape(K * G, n - 1).mean(0)
+    return np.tile(np.concatenate([s, [s.max() + 1]]), (K, 1))
+  if name == "knorm":
+    return -np.linalg.norm(keys, axis=-1)
+  if name == "streaming_llm":  # kvpress StreamingLLMPress at its n_kept
+    s = np.ones((K, n))
+    s[:, kw["sink"]:kw["sink"] + n - kw["n_kept"]] = 0
+    return s
+  raise KeyError(name)
+
+
+UNIT = {
+    "snapkv": (policies.SnapKV(window=4), dict(window=4, kernel=5)),
+    "observed_attention": (policies.ObservedAttention(), {}),
+    "tova": (policies.TOVA(), {}),
+    "knorm": (policies.Knorm(), {}),
+    "streaming_llm": (policies.StreamingLLM(sink=2), dict(sink=2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNIT))
+@pytest.mark.parametrize("budget", [0.75, 0.5, 0.3])
+def test_kept_set_matches_kvpress_definition(name, budget):
+  from pallas_kernels.compact import compaction_plan
+  policy, kw = UNIT[name]
+  rng = np.random.RandomState(3)
+  B, K, G, T, H = 3, 2, 3, 24, 8
+  lengths = np.array([24, 17, 20])
+  logits = rng.normal(size=(B, K, G, T, T)) * 3
+  logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  keys = rng.normal(size=(B, K, T, H)) * rng.uniform(0.5, 2, size=(B, K, T, 1))
+  positions = np.broadcast_to(np.arange(T), (B, K, T))
+  valid = positions < lengths[:, None, None]
+  jnp = jax.numpy
+  store, score = policy.prefill_select(None, None, jnp.asarray(valid), jnp.asarray(positions),
+                                       jnp.asarray(probs, jnp.float32),
+                                       keys=jnp.asarray(keys, jnp.float32))
+  for b, n in enumerate(lengths):
+    n_kept = int(n * budget)  # kvpress: int(T * (1 - compression_ratio))
+    sel = store[b:b + 1]
+    src, length = compaction_plan(score[b:b + 1], sel, n_kept, n_kept)
+    want_scores = kvpress_scores(name, probs[b, :, :, :n, :n], keys[b, :, :n], n,
+                                 dict(kw, n_kept=n_kept))
+    for k in range(K):
+      got = sorted(np.asarray(src)[0, k, :int(length[0, k])].tolist())
+      want = sorted(np.argsort(-want_scores[k], kind="stable")[:n_kept].tolist())
+      assert got == want, (name, budget, b, k, got, want)
+
+
+def test_knorm_decode_admits_by_key_norm():
+  key = jax.numpy.asarray([[[3.0, 4.0], [0.0, 1.0]]])  # [B=1, K=2, H=2]
+  keep, score = policies.Knorm().decode_admit(None, None, jax.numpy.zeros((1, 2), int), key=key)
+  assert np.asarray(keep).all() and np.allclose(np.asarray(score), [[-5.0, -1.0]])
+  with pytest.raises(policies.PolicyError, match="needs the keys"):
+    policies.Knorm().prefill_select(None, None, None, None, None)

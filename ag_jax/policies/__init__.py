@@ -24,10 +24,11 @@ import dataclasses
 
 from ag_jax.policies.base import AttentionGate, Full, Policy, PolicyError, fit
 from ag_jax.policies.baselines import H2O, Local, Random, SnapKV, StreamingLLM
+from ag_jax.policies.scored import TOVA, Knorm, ObservedAttention
 
 REGISTRY = {"ag": AttentionGate, "attention_gate": AttentionGate, "full": Full,
             "streaming_llm": StreamingLLM, "h2o": H2O, "snapkv": SnapKV, "random": Random,
-            "local": Local}
+            "local": Local, "observed_attention": ObservedAttention, "knorm": Knorm, "tova": TOVA}
 
 
 def make_policy(name: str, **kwargs) -> Policy:
@@ -45,5 +46,5 @@ def make_policy(name: str, **kwargs) -> Policy:
   return cls(**kwargs)
 
 
-__all__ = ["AttentionGate", "Full", "H2O", "Local", "Policy", "PolicyError", "REGISTRY", "Random",
+__all__ = ["AttentionGate", "Full", "H2O", "Knorm", "Local", "ObservedAttention", "TOVA", "Policy", "PolicyError", "REGISTRY", "Random",
            "SnapKV", "StreamingLLM", "fit", "make_policy"]

@@ -22,6 +22,7 @@ class PolicyError(ValueError):
 class Policy:
   uses_gate = False            # needs the model's gates (and the gate's own k/v cache)
   needs_prefill_probs = False  # prefill_select reads the prompt's attention probabilities
+  needs_prefill_keys = False   # prefill_select reads the prompt's keys [B, K, T, H]
   needs_decode_mass = False    # decode_update reads each slot's attention mass
   evicts = True                # False: every token must fit (capacity >= context)
 
@@ -42,12 +43,14 @@ class Policy:
     """prob, flags, valid [B, K, T] (prob/flags None without a gate) -> [B, K, T] bool or None."""
     return None
 
-  def prefill_select(self, prob, flags, valid, positions, probs):
-    """positions [B, K, T]; probs [B, K, G, T, S] or None -> store [B, K, T] bool, score f32."""
+  def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
+    """positions [B, K, T]; probs [B, K, G, T, S] or None; keys [B, K, T, H] (post-RoPE, as
+    cached) or None -> store [B, K, T] bool, score f32."""
     raise NotImplementedError
 
-  def decode_admit(self, prob, flags, position):
-    """prob, flags [B, K] (None without a gate); position [B, K] -> keep [B, K] bool, score."""
+  def decode_admit(self, prob, flags, position, key=None):
+    """prob, flags [B, K] (None without a gate); position [B, K]; key [B, K, H] (the new
+    token's post-RoPE key) or None -> keep [B, K] bool, score."""
     raise NotImplementedError
 
   def decode_update(self, score, slot_position, mass, position):
@@ -89,10 +92,10 @@ class AttentionGate(Policy):
   def prefill_attend(self, prob, flags, valid):
     return flags
 
-  def prefill_select(self, prob, flags, valid, positions, probs):
+  def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
     return flags & valid, prob
 
-  def decode_admit(self, prob, flags, position):
+  def decode_admit(self, prob, flags, position, key=None):
     return flags, prob
 
 
@@ -102,8 +105,8 @@ class Full(Policy):
 
   evicts = False
 
-  def prefill_select(self, prob, flags, valid, positions, probs):
+  def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
     return valid, positions.astype(jnp.float32)
 
-  def decode_admit(self, prob, flags, position):
+  def decode_admit(self, prob, flags, position, key=None):
     return jnp.ones(position.shape, bool), position.astype(jnp.float32)

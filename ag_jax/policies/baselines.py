@@ -41,14 +41,14 @@ class StreamingLLM(Policy):
   def _score(self, position):
     return jnp.where(position < self.sink, SINK_SCORE, position.astype(jnp.float32))
 
-  def prefill_select(self, prob, flags, valid, positions, probs):
+  def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
     store = valid
     if self.window is not None:
       recent = positions >= row_length(valid) - self.window
       store = valid & ((positions < self.sink) | recent)
     return store, self._score(positions)
 
-  def decode_admit(self, prob, flags, position):
+  def decode_admit(self, prob, flags, position, key=None):
     return admit_all(position), self._score(position)
 
 
@@ -67,10 +67,10 @@ class Local(Policy):
   def max_kept(self):
     return self.window
 
-  def prefill_select(self, prob, flags, valid, positions, probs):
+  def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
     return StreamingLLM(0, self.window).prefill_select(prob, flags, valid, positions, probs)
 
-  def decode_admit(self, prob, flags, position):
+  def decode_admit(self, prob, flags, position, key=None):
     return admit_all(position), position.astype(jnp.float32)
 
 
@@ -88,11 +88,12 @@ def _uniform_hash(seed: int, position, head):
 
 @dataclasses.dataclass(frozen=True)
 class Random(Policy):
-  """Each token is kept with probability `ratio`, by a hash of (seed, position, KV head):
-  deterministic, the same in prefill and decode, and the same in every layer (policies do
-  not see the layer index). Score = the hash, so overflow keeps a uniform random subset."""
+  """Random scores (kvpress RandomPress): score = a hash of (seed, position, KV head),
+  deterministic, the same in prefill and decode and in every layer; the capacity rule keeps
+  the top scores, so by default (ratio 1) the budget fills with a uniform random subset.
+  `ratio` < 1 also admits each token only with that probability (a cap below the budget)."""
 
-  ratio: float = 0.5
+  ratio: float = 1.0
   seed: int = 0
 
   def __post_init__(self):
@@ -104,11 +105,11 @@ class Random(Policy):
     u = _uniform_hash(self.seed, position, head)
     return u < self.ratio, u
 
-  def prefill_select(self, prob, flags, valid, positions, probs):
+  def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
     keep, u = self._draw(positions)
     return valid & keep, u
 
-  def decode_admit(self, prob, flags, position):
+  def decode_admit(self, prob, flags, position, key=None):
     return self._draw(position)
 
 
@@ -164,7 +165,7 @@ class H2O(Policy):
                         "against the capacity with ag_jax.policies.fit(policy, capacity)")
     return self.heavy, self.recent
 
-  def prefill_select(self, prob, flags, valid, positions, probs):
+  def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
     heavy, recent = self._counts()
     real_queries = valid[:, :, None, :, None]                          # [B, K, 1, T, 1]
     mass = jnp.sum(jnp.where(real_queries, probs, 0.0), axis=(2, 3))   # [B, K, S]
@@ -174,7 +175,7 @@ class H2O(Policy):
     rank = jnp.argsort(order, axis=-1)  # 0 = heaviest candidate; ties: the earlier token
     return is_recent | (candidate & (rank < heavy)), mass
 
-  def decode_admit(self, prob, flags, position):
+  def decode_admit(self, prob, flags, position, key=None):
     return admit_all(position), jnp.zeros(position.shape, jnp.float32)
 
   def decode_update(self, score, slot_position, mass, position):
@@ -190,19 +191,21 @@ class SnapKV(Policy):
   """Observation-window voting (Li et al. 2024, arXiv 2404.14469).
 
   The last `window` prompt tokens of each sequence (prompts are right-padded: the window
-  ends at each row's own length) vote for earlier tokens with their attention, summed
+  ends at each row's own length) vote for earlier tokens with their attention, averaged
   over the window queries and the KV head's query heads; the votes are pooled along keys
   (`pooling` "max" or "avg", `kernel` odd, "same" padding as in the paper's code) so that
   neighbours of a hit survive too. Prefill keeps the window and the best-voted earlier
   tokens up to the capacity. Decode appends generated tokens as the paper does; when a
   row is full, the newcomer replaces the worst-voted prompt token, then (once only the
   window and generated tokens are left) the oldest token.
-  Score: prompt votes scaled into [0, 1); window and generated tokens 1 + position.
+  Score (kvpress SnapKVPress, defaults window 64, kernel 5, avg): the window queries' mean
+  attention, pooled per query head, averaged over the group, in [0, 1]; window and
+  generated tokens 2 + position. Needs the prompt's probabilities: one-shot prefill only.
   """
 
-  window: int = 32
-  kernel: int = 7
-  pooling: str = "max"
+  window: int = 64
+  kernel: int = 5
+  pooling: str = "avg"
   needs_prefill_probs = True
 
   def __post_init__(self):
@@ -213,22 +216,23 @@ class SnapKV(Policy):
     if self.pooling not in ("max", "avg"):
       raise PolicyError(f"SnapKV pooling must be 'max' or 'avg', got {self.pooling!r}")
 
-  def prefill_select(self, prob, flags, valid, positions, probs):
-    group = probs.shape[2]
+  def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
     observe = valid & (positions >= row_length(valid) - self.window)  # [B, K, T]
-    votes = jnp.einsum("BKGTS,BKT->BKS", probs, observe.astype(probs.dtype))  # [B, K, S]
-    prefix = valid & ~observe  # the tokens that can be evicted
-    window = (1, 1, self.kernel)
+    # kvpress order: mean over the window queries per query head, pool per query head,
+    # then mean over the KV head's group (max pooling does not commute with the mean).
+    votes = jnp.einsum("BKGTS,BKT->BKGS", probs, observe.astype(probs.dtype)) / self.window
+    prefix = (valid & ~observe)[:, :, None, :]  # [B, K, 1, S] the tokens that can be evicted
+    window = (1, 1, 1, self.kernel)
     if self.pooling == "max":
       pooled = lax.reduce_window(jnp.where(prefix, votes, -jnp.inf), -jnp.inf, lax.max,
-                                 window, (1, 1, 1), "SAME")
+                                 window, (1, 1, 1, 1), "SAME")
     else:  # zero padding counted in the mean, as avg_pool1d(count_include_pad=True)
       pooled = lax.reduce_window(jnp.where(prefix, votes, 0.0), 0.0, lax.add, window,
-                                 (1, 1, 1), "SAME") / self.kernel
-    # A vote is at most window x group (each query's attention sums to 1): scale into [0, 1).
-    score = jnp.where(observe, 1.0 + positions.astype(jnp.float32),
-                      pooled / (self.window * group + 1))
+                                 (1, 1, 1, 1), "SAME") / self.kernel
+    pooled = jnp.mean(pooled, axis=2)  # [B, K, S], each in [0, 1]
+    # The window (kvpress: the max score + 1) ranks above every vote, latest first.
+    score = jnp.where(observe, 2.0 + positions.astype(jnp.float32), pooled)
     return valid, score
 
-  def decode_admit(self, prob, flags, position):
-    return admit_all(position), 1.0 + position.astype(jnp.float32)
+  def decode_admit(self, prob, flags, position, key=None):
+    return admit_all(position), 2.0 + position.astype(jnp.float32)
