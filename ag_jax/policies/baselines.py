@@ -219,8 +219,10 @@ class SnapKV(Policy):
   def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
     observe = valid & (positions >= row_length(valid) - self.window)  # [B, K, T]
     # kvpress order: mean over the window queries per query head, pool per query head,
-    # then mean over the KV head's group (max pooling does not commute with the mean).
+    # then mean over the KV head's group (avg pooling commutes with that mean).
     votes = jnp.einsum("BKGTS,BKT->BKGS", probs, observe.astype(probs.dtype)) / self.window
+    if self.pooling == "max":  # not in kvpress: the paper's max pooling of the group's votes
+      votes = jnp.mean(votes, axis=2, keepdims=True)
     prefix = (valid & ~observe)[:, :, None, :]  # [B, K, 1, S] the tokens that can be evicted
     window = (1, 1, 1, self.kernel)
     if self.pooling == "max":
