@@ -99,7 +99,93 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-  """`"bytes"` -> ByteTokenizer; a directory or tokenizer.json path -> HFTokenizer."""
+  """`"bytes"` -> ByteTokenizer; `"stdlib_bpe:2048"` -> the stdlib BPE of that vocab size
+  (`stdlib_bpe`); a directory or tokenizer.json path -> HFTokenizer."""
   if spec in ("bytes", "byte"):
     return ByteTokenizer()
+  if spec.startswith(STDLIB_BPE_PREFIX + ":") and not os.path.exists(spec):
+    size = spec.split(":", 1)[1]
+    if not size.isdigit():
+      raise ValueError(f"tokenizer {spec!r}: use {STDLIB_BPE_PREFIX}:VOCAB_SIZE, e.g. "
+                       f"{STDLIB_BPE_PREFIX}:2048")
+    return stdlib_bpe(int(size))
   return HFTokenizer(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training a byte-level BPE (the `tokenizers` library), e.g. on the stdlib's train split.
+
+BPE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+STDLIB_BPE_PREFIX = "stdlib_bpe"
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, out_dir: str | None = None, *,
+                        required: Sequence[str] = (), required_count: int = 4000) -> "HFTokenizer":
+  """A byte-level BPE trained on `texts` (an iterable of str), saved as out_dir/tokenizer.json
+  (+ tokenizer_config.json naming <s>, </s>, <pad>) when out_dir is given.
+
+  `required` strings (e.g. " amber", " 41": with their leading space) must each become one
+  token: each is added `required_count` times to the counts, which puts their merges ahead
+  of the corpus's rarer ones; the result is checked. Training is deterministic for the same
+  texts in the same order (the library breaks count ties by the pair's ids).
+  """
+  from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
+
+  tok = _Tok(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIAL_TOKENS),
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+
+  def stream():
+    yield from texts
+    for piece in required:  # one piece per line: pre-tokenized alone, counted required_count times
+      yield (piece + "\n") * required_count
+
+  tok.train_from_iterator(stream(), trainer)
+  missing = [p for p in required if len(tok.encode(p, add_special_tokens=False).ids) != 1]
+  if missing:
+    raise ValueError(f"{len(missing)} required strings are not single tokens at vocab_size "
+                     f"{vocab_size} (e.g. {missing[:5]}); raise vocab_size or required_count")
+  if out_dir is None:
+    import tempfile
+    out_dir = tempfile.mkdtemp(prefix="bpe_")
+  os.makedirs(out_dir, exist_ok=True)
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, f, indent=2)
+  return HFTokenizer(out_dir)
+
+
+def stdlib_bpe_dir(vocab_size: int = 2048, cache_dir: str | None = None) -> str:
+  """The directory of the stdlib BPE of `vocab_size` (trained on first use, then cached).
+
+  It is trained on the stdlib train split (`ag_jax.data.stdlib`) with the RULER suite's key
+  words and values as required single tokens. Cached under $AG_JAX_CACHE (default
+  ~/.cache/ag_jax) by interpreter version and vocab size: deterministic given the
+  interpreter, so every process of a run sees the same ids.
+  """
+  import sys
+
+  from ag_jax import atomic_io
+  from ag_jax.data import ruler, stdlib
+
+  root = cache_dir or os.environ.get("AG_JAX_CACHE") or os.path.expanduser("~/.cache/ag_jax")
+  import hashlib
+  # The interpreter (its stdlib is the corpus) and the required tokens name the tokenizer.
+  ident = "\n".join([sys.version, stdlib.stdlib_root(), *ruler.required_tokens()])
+  tag = f"py{sys.version_info[0]}.{sys.version_info[1]}_" + \
+      hashlib.sha256(ident.encode("utf-8")).hexdigest()[:10]
+  where = os.path.join(root, f"{STDLIB_BPE_PREFIX}_{vocab_size}_{tag}")
+  if os.path.exists(os.path.join(where, "tokenizer.json")):
+    return where
+  texts = [text for _, text in stdlib.read_texts("train")]
+  with atomic_io.replace_dir(where) as tmp:
+    train_bpe_tokenizer(texts, vocab_size, tmp, required=ruler.required_tokens())
+  return where
+
+
+def stdlib_bpe(vocab_size: int = 2048) -> "HFTokenizer":
+  """`load_tokenizer("stdlib_bpe:2048")`: the stdlib BPE (see `stdlib_bpe_dir`)."""
+  return HFTokenizer(stdlib_bpe_dir(vocab_size))
