@@ -9,6 +9,9 @@ Specs understood by `open_source`:
   "recall"                                the generated recall corpus (default config)
   "recall:num_facts=8,distractor=near_miss,size=5000"
                                           ... with RecallConfig fields and `size` set
+  "ruler:tasks=niah_multikey+vt,max_length=1024,lm_fraction=0.3"
+                                          the RULER-style suite mixed with stdlib LM
+                                          (ag_jax.data.ruler.parse_spec); "stdlib": files
   "c4/en:3.1.0", "piqa", "my_corpus"      a TFDS data set prepared under data_dir, in
                                           array_record format (or parquet)
 """
@@ -35,6 +38,8 @@ def open_source(spec: str, split: str = "train", data_dir: str | None = None):
   name = spec.split(":", 1)[0].strip()
   if name == "recall":
     return _open_recall(spec, split)
+  if name in ("ruler", "stdlib"):  # the RULER-style suite / stdlib files (ag_jax.data.ruler)
+    return _open_ruler(spec, split)
   return _open_tfds(spec, split, data_dir)
 
 
@@ -64,6 +69,14 @@ def _open_recall(spec: str, split: str) -> recall.RecallSource:
     return recall.RecallSource(recall.RecallConfig(**kwargs), split=split, size=size)
   except ValueError as e:
     raise DataError(f"bad recall spec {spec!r}: {e}") from None
+
+
+def _open_ruler(spec: str, split: str):
+  from ag_jax.data import ruler  # pylint: disable=g-import-not-at-top
+  try:
+    return ruler.open_spec(spec, split)
+  except ValueError as e:
+    raise DataError(f"bad {spec.split(':')[0]} spec {spec!r}: {e}") from None
 
 
 def _resolved_data_dir(data_dir: str | None) -> str:

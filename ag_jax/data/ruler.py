@@ -1,0 +1,504 @@
+"""A RULER-style needle suite (Hsieh et al. 2024, "RULER: What's the real context size of
+your long-context language models?"), sized in tokens of a given tokenizer.
+
+Every example is a context (prefilled, and compressed under the kvpress protocol), a
+question that always comes after it, and answer items checkable by exact match. Tasks:
+
+  niah_multikey    `num_needles` needles "One of the magic numbers for KEY is V." with
+                   distinct keys and values; one key, uniformly at random, is asked. The
+                   context is drawn before the asked key, so the context alone never decides
+                   the answer (no elimination).
+  niah_multivalue  one key, `num_needles` needles with distinct values; all values are asked,
+                   in order of appearance.
+  niah_multiquery  `num_needles` distinct keys; `num_queries` of them are asked, each value
+                   in the order asked.
+  vt               variable tracking: `num_chains` chains "VAR A = 41." ... "VAR B = A." ...
+                   of `num_hops` hops; asked: every name holding one chain's value, in chain
+                   order.
+  cwe              common-words extraction (the aggregation control, no haystack): a list of
+                   words where `num_common` words each occur more often than any other;
+                   asked: those words, in order of first appearance.
+
+Keys and variable names are `key_len` words of KEY_WORDS, values `value_len` numbers of
+VALUE_NUMBERS, each piece with its leading space, so with the stdlib BPE (which has them as
+required single tokens) a key is exactly key_len tokens and a value value_len tokens.
+
+Haystacks: `stdlib` (consecutive lines of Python standard-library files of a split, see
+ag_jax.data.stdlib; needles go between lines) or `noise` (RULER's repeated sentences).
+The context (BOS included) has at most `length` tokens and at least `length` minus one
+haystack line. Example i of a split is drawn from a seed of (seed, split, task, i): random
+access, deterministic, disjoint streams per split; the same index at another length keeps
+its keys and values.
+
+Context, question and answer are tokenized apart: the context ends with a newline, the
+question starts with '#', and answer items start with a space, so tokenizing the whole
+text gives the same tokens (for byte-level BPEs with the GPT-2 split, and for bytes).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import random
+import zlib
+from typing import Sequence
+
+import numpy as np
+
+TASKS = ("niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe")
+RETRIEVAL_TASKS = TASKS[:4]
+HAYSTACKS = ("stdlib", "noise")
+_SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+MAX_LINE_CHARS = 200  # longer stdlib lines (tables, long strings) are skipped
+
+KEY_WORDS = tuple("""apple amber anchor angle arrow autumn badge bamboo banner barrel basket
+beacon beard berry blade blossom bottle breeze bridge bronze bubble bucket butter cabin camel
+candle canyon carbon carpet castle cedar cellar chalk cherry circle cliff clock cloud clover
+cobalt comet copper coral cotton crane crater crystal daisy dancer desert diamond dolphin dragon
+eagle ember engine falcon feather fern fiber forest fossil fountain galaxy garden garlic ginger
+glacier globe granite grape guitar hammer harbor harvest hazel helmet honey horizon island ivory
+jacket jasmine jungle kettle kingdom ladder lagoon lantern lemon lily lizard lotus magnet mango
+maple marble meadow melon mirror monkey mountain muffin needle nectar noodle oasis ocean olive
+onion orbit orchid otter oyster paddle palace panda parrot pebble pepper piano pillow planet
+plum pocket pony puzzle quartz rabbit radar raven ribbon river rocket saddle salmon sand satin
+shadow shell silver sky snow spider spring squirrel star stone storm sugar summit sunset swan
+tiger timber tomato tower tulip tunnel turtle umbrella valley velvet violet walnut willow
+window winter wolf yarn zebra""".split())
+VALUE_NUMBERS = tuple(str(n) for n in range(10, 100))
+
+
+def required_tokens() -> list[str]:
+  """The pieces the suite's tokenizer must hold as single tokens (leading space included)."""
+  return [" " + w for w in KEY_WORDS] + [" " + v for v in VALUE_NUMBERS]
+
+
+@dataclasses.dataclass(frozen=True)
+class RulerConfig:
+  """One suite setting. `num_needles` None: the task's default (RULER's, scaled down)."""
+
+  task: str = "niah_multikey"
+  length: int = 1024              # context tokens, BOS included (an upper bound)
+  haystack: str = "stdlib"        # one of HAYSTACKS
+  haystack_split: str | None = None  # stdlib split of the haystack; None: the example's
+  num_needles: int | None = None  # multikey/multiquery: keys; multivalue: values
+  num_queries: int = 2            # niah_multiquery: keys asked
+  num_hops: int = 4               # vt: a chain names num_hops + 1 variables
+  num_chains: int = 1             # vt: chains (one is asked)
+  num_common: int = 5             # cwe: words to find
+  common_share: float = 0.3       # cwe: share of the list taken by the common words
+  depth: float | None = None      # depth in [0, 1] of the asked needle; None: uniform
+  key_len: int = 1                # words per key / variable name
+  value_len: int = 1              # numbers per value
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"task={self.task!r}: expected one of {TASKS}")
+    if self.haystack not in HAYSTACKS:
+      raise ValueError(f"haystack={self.haystack!r}: expected one of {HAYSTACKS}")
+    if self.depth is not None and not 0.0 <= self.depth <= 1.0:
+      raise ValueError(f"depth must be in [0, 1] or None, got {self.depth}")
+    if self.key_len < 1 or self.value_len < 1:
+      raise ValueError("key_len and value_len must be >= 1")
+    if self.needles < 1 or self.num_hops < 1 or self.num_chains < 1 or self.num_common < 1:
+      raise ValueError("needle, hop, chain and common-word counts must be >= 1")
+    if self.task == "niah_multiquery" and not 1 <= self.num_queries <= self.needles:
+      raise ValueError(f"need 1 <= num_queries ({self.num_queries}) <= num_needles "
+                       f"({self.needles})")
+    if self.length < 16:
+      raise ValueError(f"length must be >= 16 tokens, got {self.length}")
+
+  @property
+  def needles(self) -> int:
+    if self.num_needles is not None:
+      return self.num_needles
+    return {"niah_multikey": 4, "niah_multivalue": 4, "niah_multiquery": 4}.get(self.task, 1)
+
+
+def split_seed(seed: int, split: str, task: str, index: int) -> int:
+  code = _SPLIT_CODES.get(split, zlib.crc32(split.encode("utf-8")) + 3)
+  state = np.random.SeedSequence([int(seed), code, zlib.crc32(task.encode("utf-8")), int(index)])
+  return int(state.generate_state(2, np.uint64)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Haystacks
+
+
+@functools.lru_cache(maxsize=8)
+def _stdlib_lines(split: str, root: str | None, limit: int | None) -> tuple[str, ...]:
+  """Every stdlib line (newline included) of a split, files in path order, long lines and
+  blank-only files dropped."""
+  from ag_jax.data import stdlib  # pylint: disable=g-import-not-at-top
+  lines: list[str] = []
+  for _, text in stdlib.read_texts(split, root, limit):
+    for line in text.splitlines(keepends=True):
+      if len(line) <= MAX_LINE_CHARS:
+        lines.append(line if line.endswith("\n") else line + "\n")
+  return tuple(lines)
+
+
+class Haystack:
+  """Line streams to fill contexts with: `lines(rng, n)` -> n consecutive lines."""
+
+  def __init__(self, kind: str = "stdlib", split: str = "train", root: str | None = None,
+               limit: int | None = None):
+    self.kind = kind
+    self.all = _stdlib_lines(split, root, limit) if kind == "stdlib" else (NOISE,)
+
+  def start(self, rng: random.Random) -> int:
+    return rng.randrange(len(self.all))
+
+  def lines(self, start: int, n: int) -> list[str]:
+    m = len(self.all)
+    return [self.all[(start + i) % m] for i in range(n)]
+
+
+@functools.lru_cache(maxsize=16)
+def _haystack(kind: str, split: str, root: str | None, limit: int | None) -> Haystack:
+  return Haystack(kind, split, root, limit)
+
+
+def _count(tokenizer, text: str) -> int:
+  return len(tokenizer.encode(text, add_bos=True))
+
+
+def _fit(tokenizer, build, budget: int, guess: int) -> tuple[str, int]:
+  """The most haystack lines h with _count(build(h)) <= budget: (text, h). build(h) must
+  grow with h."""
+  lo, hi = 0, max(1, guess)
+  while _count(tokenizer, build(hi)) <= budget:  # find an upper bound
+    lo, hi = hi, hi * 2
+    if hi > 1 << 20:
+      raise ValueError("the haystack cannot fill the context")
+  if _count(tokenizer, build(lo)) > budget:
+    raise ValueError(f"the needles alone exceed {budget} tokens; raise length")
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if _count(tokenizer, build(mid)) <= budget:
+      lo = mid
+    else:
+      hi = mid
+  return build(lo), lo
+
+
+def _with_needles(hay: list[str], needles: Sequence[str], depths: Sequence[float]) -> str:
+  """Haystack lines with needle lines inserted at their depths (order of depth, ties in
+  needle order)."""
+  n = len(hay)
+  slots = sorted(range(len(needles)), key=lambda i: (depths[i], i))
+  out, taken = [], 0
+  for i in slots:
+    at = min(n, int(round(depths[i] * n)))
+    out += hay[taken:at]
+    out.append(needles[i])
+    taken = max(taken, at)
+  return "".join(out + hay[taken:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples
+
+
+def _pieces(rng: random.Random, pool: Sequence[str], n: int, k: int) -> list[str]:
+  """n distinct strings of k pool words each (leading space, words joined by spaces)."""
+  if n * k > len(pool) and k == 1:
+    raise ValueError(f"{n} distinct single words asked from a pool of {len(pool)}")
+  out: list[str] = []
+  while len(out) < n:
+    words = rng.sample(pool, k)
+    piece = " " + " ".join(words)
+    if piece not in out:
+      out.append(piece)
+  return out
+
+
+def _niah_line(key: str, value: str) -> str:
+  return f"# One of the magic numbers for{key} is{value}.\n"
+
+
+def generate_example(config: RulerConfig, tokenizer, split: str, index: int, *,
+                     ask: int | Sequence[int] | None = None, root: str | None = None,
+                     limit: int | None = None) -> dict:
+  """Example `index` of `split`: {task, context, question, answers (items, each with its
+  leading space), answer (the items joined by ','), text (context + question + answer),
+  prompt (context + question), response (= answer), length (context tokens with BOS),
+  depths (of the needles, in order of `needle_keys`)}.
+
+  `ask` overrides which needle(s) are asked (niah_multikey: an index, niah_multiquery: a
+  list of indices into the needles, vt: the chain); the context does not change when
+  `config.depth` is None.
+  """
+  rng = random.Random(split_seed(config.seed, split, config.task, index))
+  hay_split = config.haystack_split or split
+  if config.task == "cwe":
+    return _cwe(config, tokenizer, rng)
+  hay = _haystack(config.haystack, hay_split, root, limit)
+  start = hay.start(rng)
+  n = config.needles
+  if config.task == "vt":
+    return _vt(config, tokenizer, rng, hay, start, ask)
+  keys = _pieces(rng, KEY_WORDS, 1 if config.task == "niah_multivalue" else n, config.key_len)
+  values = _pieces(rng, VALUE_NUMBERS, n, config.value_len)
+  depths = [rng.random() for _ in range(n)]
+  if config.task == "niah_multikey":
+    asked = [rng.randrange(n)] if ask is None else [int(ask)]
+    lines = [_niah_line(k, v) for k, v in zip(keys, values)]
+    q_keys, answers = [keys[asked[0]]], [values[asked[0]]]
+    question = (f"# Question: what is the magic number for{q_keys[0]}?\n"
+                f"# Answer: the magic number for{q_keys[0]} is")
+  elif config.task == "niah_multiquery":
+    asked = rng.sample(range(n), config.num_queries) if ask is None else [int(a) for a in ask]
+    lines = [_niah_line(k, v) for k, v in zip(keys, values)]
+    q_keys, answers = [keys[a] for a in asked], [values[a] for a in asked]
+    listed = ",".join(q_keys)
+    question = (f"# Question: what are the magic numbers for{listed}?\n"
+                f"# Answer: the magic numbers for{listed} are")
+  else:  # niah_multivalue: all values of one key, in order of appearance
+    asked = list(range(n))
+    lines = [_niah_line(keys[0], v) for v in values]
+    order = sorted(range(n), key=lambda i: (depths[i], i))
+    q_keys, answers = [keys[0]], [values[i] for i in order]
+    question = (f"# Question: what are all the magic numbers for{keys[0]}?\n"
+                f"# Answer: the magic numbers for{keys[0]} are")
+  if config.depth is not None:
+    depths[asked[0]] = config.depth
+  context, _ = _fit(tokenizer, lambda h: _with_needles(hay.lines(start, h), lines, depths),
+                    config.length, guess=config.length // 8)
+  return _finish(config, tokenizer, context, question, answers,
+                 needle_keys=keys if config.task != "niah_multivalue" else keys * n,
+                 needle_values=values, depths=depths, asked=asked)
+
+
+def _vt(config, tokenizer, rng, hay, start, ask) -> dict:
+  per_chain = config.num_hops + 1
+  names = _pieces(rng, KEY_WORDS, config.num_chains * per_chain, config.key_len)
+  values = _pieces(rng, VALUE_NUMBERS, config.num_chains, config.value_len)
+  lines, depths, chains = [], [], []
+  for c in range(config.num_chains):
+    chain = names[c * per_chain:(c + 1) * per_chain]
+    chains.append(chain)
+    ds = sorted(rng.random() for _ in range(per_chain))  # a chain reads forwards
+    for j, name in enumerate(chain):
+      source = values[c] if j == 0 else chain[j - 1]
+      lines.append(f"# VAR{name} ={source}.\n")
+      depths.append(ds[j])
+  asked = rng.randrange(config.num_chains) if ask is None else int(ask)
+  if config.depth is not None:  # the asked chain's first statement at `depth`
+    shift = config.depth - depths[asked * per_chain]
+    for j in range(per_chain):
+      i = asked * per_chain + j
+      depths[i] = min(1.0, max(0.0, depths[i] + shift))
+  question = (f"# Question: which variables are assigned the value{values[asked]}?\n"
+              f"# Answer: the variables assigned the value{values[asked]} are")
+  context, _ = _fit(tokenizer, lambda h: _with_needles(hay.lines(start, h), lines, depths),
+                    config.length, guess=config.length // 8)
+  return _finish(config, tokenizer, context, question, list(chains[asked]),
+                 needle_keys=names, needle_values=values, depths=depths, asked=[asked])
+
+
+def _cwe(config, tokenizer, rng) -> dict:
+  pool = list(KEY_WORDS)
+  rng.shuffle(pool)
+  common, rare = pool[:config.num_common], pool[config.num_common:]
+  header = "# Below is a list of words.\n"
+  question = (f"# Question: what are the {config.num_common} most common words in the list "
+              f"above?\n# Answer: the {config.num_common} most common words are")
+
+  def build(total: int) -> tuple[str, list[str], list[str]]:
+    words = _cwe_words(rng_state, common, rare, total, config)
+    rows = [words[i:i + 12] for i in range(0, len(words), 12)]
+    body = "".join("#" + "".join(" " + w for w in row) + "\n" for row in rows)
+    seen = [w for w in dict.fromkeys(words) if w in common]
+    return header + body, seen, words
+
+  rng_state = rng.getstate()
+  text, h = _fit(tokenizer, lambda t: build(t)[0] if t else header,
+                 config.length, guess=config.length // 2)
+  if h < 2 * config.num_common:
+    raise ValueError(f"cwe at length {config.length} holds too few words; raise length")
+  _, seen, words = build(h)
+  counts = {w: words.count(w) for w in set(words)}
+  assert min(counts[w] for w in common) > max((counts[w] for w in rare if w in counts),
+                                             default=0), "cwe common words are not the most common"
+  return _finish(config, tokenizer, text, question, [" " + w for w in seen],
+                 needle_keys=[" " + w for w in common], needle_values=[], depths=[], asked=[])
+
+
+def _cwe_words(state, common, rare, total, config) -> list[str]:
+  """`total` words: each common word c times, rare words fewer times each, shuffled."""
+  rng = random.Random()
+  rng.setstate(state)
+  c = max(2, round(config.common_share * total / len(common)))
+  c = min(c, max(1, total // len(common)))
+  rest = max(0, total - c * len(common))
+  m = min(len(rare), rest)
+  counts = [rest // m + (i < rest % m) for i in range(m)] if m else []
+  if counts and max(counts) >= c:
+    raise ValueError(f"cwe: {total} words cannot have {len(common)} clearly most common "
+                     f"words with a pool of {len(rare)} others; lower length or common_share")
+  words = [w for w in common for _ in range(c)] + \
+      [w for w, k in zip(rare, counts) for _ in range(k)]
+  rng.shuffle(words)
+  return words
+
+
+def _finish(config, tokenizer, context, question, answers, **meta) -> dict:
+  # One newline, no blank run, at the end: whitespace runs tokenize apart from the '#'
+  # that follows only when they are a single newline.
+  context = context.rstrip() + "\n"
+  answer = ",".join(answers)
+  return {"task": config.task, "context": context, "question": question,
+          "answers": list(answers), "answer": answer, "prompt": context + question,
+          "response": answer, "text": context + question + answer,
+          "length": _count(tokenizer, context), **meta}
+
+
+def score_items(generated: str, answers: Sequence[str]) -> float:
+  """RULER's string_match_all: the share of answer items found in the generation."""
+  return float(np.mean([a.strip() in generated for a in answers])) if answers else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# A training / evaluation source: the suite mixed with plain language modelling
+
+
+@dataclasses.dataclass(frozen=True)
+class RulerMix:
+  """A random-access mix, for `train.py` through `data.source: "ruler:..."`.
+
+  Example i draws (from its own seed): LM with probability `lm_fraction` (a stdlib window of
+  the length, text only), else a task uniformly from `tasks`; a length uniformly from
+  [min_length, max_length] whose upper end ramps up over the first `length_ramp` examples;
+  a needle count uniformly from [min_needles, max_needles] (None: the task's default).
+  """
+
+  tasks: tuple[str, ...] = RETRIEVAL_TASKS
+  min_length: int = 128
+  max_length: int = 1024
+  length_ramp: int = 0
+  lm_fraction: float = 0.0
+  min_needles: int | None = None
+  max_needles: int | None = None
+  base: RulerConfig = RulerConfig()
+
+  def __post_init__(self):
+    for t in self.tasks:
+      if t not in TASKS:
+        raise ValueError(f"unknown task {t!r}: expected some of {TASKS}")
+    if not 16 <= self.min_length <= self.max_length:
+      raise ValueError(f"need 16 <= min_length ({self.min_length}) <= max_length "
+                       f"({self.max_length})")
+    if not 0.0 <= self.lm_fraction <= 1.0 or (not self.tasks and self.lm_fraction < 1):
+      raise ValueError("lm_fraction must be in [0, 1] (1 when no tasks are given)")
+
+  def example(self, tokenizer, split: str, index: int, root=None, limit=None) -> dict:
+    rng = random.Random(split_seed(self.base.seed, split, "mix", index))
+    top = self.max_length
+    if self.length_ramp:
+      top = round(self.min_length + min(1.0, index / self.length_ramp) *
+                  (self.max_length - self.min_length))
+    length = rng.randint(self.min_length, top)
+    if rng.random() < self.lm_fraction or not self.tasks:
+      hay = _haystack("stdlib", self.base.haystack_split or split, root, limit)
+      start = hay.start(rng)
+      text, _ = _fit(tokenizer, lambda h: "".join(hay.lines(start, h)), length, length // 8)
+      return {"task": "lm", "text": text, "prompt": text, "response": "", "answers": []}
+    task = rng.choice(self.tasks)
+    needles = None
+    if self.min_needles is not None and task.startswith("niah"):
+      needles = rng.randint(self.min_needles, self.max_needles or self.min_needles)
+      if task == "niah_multiquery":
+        needles = max(needles, self.base.num_queries)
+    config = dataclasses.replace(self.base, task=task, length=length, num_needles=needles)
+    return generate_example(config, tokenizer, split, rng.randrange(1 << 62), root=root,
+                            limit=limit)
+
+
+class RulerSource:
+  """Random-access source of `size` examples of one split (like tfds.data_source)."""
+
+  def __init__(self, mix: RulerMix, tokenizer, split: str = "train", size: int = 1_000_000,
+               root: str | None = None, limit: int | None = None):
+    if size < 1:
+      raise ValueError(f"size must be >= 1, got {size}")
+    self.mix, self.tokenizer, self.split, self.size = mix, tokenizer, split, int(size)
+    self.root, self.limit = root, limit
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index) -> dict:
+    i = index.__index__()
+    if i < 0:
+      i += self.size
+    if not 0 <= i < self.size:
+      raise IndexError(f"index {index} out of range for RulerSource of size {self.size}")
+    ex = self.mix.example(self.tokenizer, self.split, i, self.root, self.limit)
+    return {k: ex[k] for k in ("task", "text", "prompt", "response")}
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [self[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return f"RulerSource({self.mix}, split={self.split!r}, size={self.size})"
+
+
+SIZES = {"train": 1_000_000, "validation": 2_000, "test": 2_000}
+_MIX_FIELDS = {f.name: f for f in dataclasses.fields(RulerMix)}
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RulerConfig)}
+
+
+def _typed(key: str, value: str, kind):
+  kind = str(kind)
+  try:
+    if "float" in kind:
+      return None if value.lower() == "none" else float(value)
+    if "int" in kind:
+      return None if value.lower() == "none" else int(value)
+  except ValueError:
+    raise ValueError(f"ruler option {key} needs a number, got {value!r}") from None
+  return value
+
+
+def parse_spec(spec: str) -> tuple[RulerMix, str, int | None]:
+  """`ruler:tasks=niah_multikey+vt,min_length=128,max_length=1024,lm_fraction=0.3,
+  num_queries=2,...` -> (RulerMix, tokenizer spec, size or None). Keys: RulerMix fields
+  (tasks joined by '+'), RulerConfig fields (but task/length), `tokenizer` (default
+  stdlib_bpe:2048) and `size`."""
+  options = spec.split(":", 1)[1] if ":" in spec else ""
+  mix, base = {}, {}
+  tokenizer, size = "stdlib_bpe:2048", None
+  for item in filter(None, (s.strip() for s in options.split(","))):
+    key, sep, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep:
+      raise ValueError(f"bad ruler option {item!r}: use key=value")
+    if key == "tokenizer":
+      tokenizer = value
+    elif key == "size":
+      size = int(value)
+    elif key == "tasks":
+      mix["tasks"] = tuple(t for t in value.split("+") if t)
+    elif key in _MIX_FIELDS and key != "base":
+      mix[key] = _typed(key, value, _MIX_FIELDS[key].type)
+    elif key in _CONFIG_FIELDS and key not in ("task", "length"):
+      base[key] = _typed(key, value, _CONFIG_FIELDS[key].type)
+    else:
+      raise ValueError(f"unknown ruler option {key!r}: use {sorted(set(_MIX_FIELDS) - {'base'})}"
+                       f", {sorted(set(_CONFIG_FIELDS) - {'task', 'length'})}, tokenizer, size")
+  return RulerMix(base=RulerConfig(**base), **mix), tokenizer, size
+
+
+def open_spec(spec: str, split: str):
+  """`open_source("ruler:...")`, and `open_source("stdlib")` (whole files of a split)."""
+  name = spec.split(":", 1)[0].strip()
+  if name == "stdlib":
+    from ag_jax.data.stdlib import StdlibSource  # pylint: disable=g-import-not-at-top
+    return StdlibSource(split)
+  from ag_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  mix, tok_spec, size = parse_spec(spec)
+  return RulerSource(mix, load_tokenizer(tok_spec), split,
+                     size or SIZES.get(split, SIZES["validation"]))
