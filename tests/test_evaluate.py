@@ -278,3 +278,59 @@ def test_cli_without_model_or_default_world_says_what_to_pass(monkeypatch, capsy
   with pytest.raises(SystemExit) as exit_info:
     evaluate.main(["--help"])
   assert exit_info.value.code == 0 and "acc_norm" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# The RULER-style suite and stdlib bits per byte (ag_jax.evaluation.ruler_eval)
+
+
+@pytest.fixture(scope="module")
+def bpe_world():
+  import jax
+  import ag_jax
+  from ag_jax.config import ModelConfig
+  tok = ag_jax.load_tokenizer("stdlib_bpe:2048")
+  cfg = ModelConfig(vocab_size=2048, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=64, max_position=512)
+  model = ag_jax.Llama(cfg)
+  return model, ag_jax.init_variables(model, jax.random.key(0)), tok
+
+
+def test_stdlib_bpb_matches_a_numpy_statement(bpe_world):
+  import numpy as np
+  import ag_jax
+  from ag_jax.evaluation import ruler_eval
+  model, variables, tok = bpe_world
+  windows = ruler_eval.bpb_windows(tok, 2, context=96)
+  got = ruler_eval.StdlibBpbTask("stdlib_bpb", windows, protocol="decode").run(
+      model, variables, tok, ag_jax.policies.Full())
+  nll, nbytes = 0.0, 0
+  for ids, _, _ in windows:
+    logits = np.asarray(model.apply(variables, np.asarray([ids])), np.float64)[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    cut = len(ids) // 2
+    nll -= sum(logp[k - 1, ids[k]] for k in range(cut, len(ids)))
+    nbytes += len(tok.decode(ids[cut:]).encode("utf-8"))
+  assert abs(got["bpb"] - nll / np.log(2) / nbytes) < 1e-4
+
+
+def test_long_range_mask():
+  from ag_jax.evaluation import ruler_eval
+  text = "alpha beta " + "x" * 600 + " alpha beta alpha"
+  mask = ruler_eval.long_range_mask(text, 512)
+  hits = text.encode()[:][mask.nonzero()[0][0]:mask.nonzero()[0][-1] + 1]
+  assert hits.startswith(b"alpha") and mask.sum() == len("alpha") + len("beta")
+
+
+def test_ruler_task_decode_protocol_and_kvpress_capacity(bpe_world):
+  import ag_jax
+  from ag_jax.evaluation import ruler_eval
+  model, variables, tok = bpe_world
+  assert ruler_eval.kvpress_capacity(1000, 0.125) == 125
+  assert ruler_eval.kvpress_capacity(3, 0.1) == 1
+  (task,) = ruler_eval.build_ruler_tasks(tok, ["niah_multikey"], [128], 2, protocol="decode")
+  row = task.run(model, variables, tok, ag_jax.policies.Full())
+  assert 0.0 <= row["accuracy"] <= 1.0 and row["length"] == 128
+  ctx, cont, spans = ruler_eval.encode_example(tok, task.examples[0])
+  assert [tok.decode(cont[a:b]) for a, b in spans] == task.examples[0]["answers"]
