@@ -200,6 +200,25 @@ def _unwrap_optional(tp):
   return tp
 
 
+_SCALAR_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_scalar(key: str, value, hint, tp) -> None:
+  """An int/float/str/bool field holds that type (None only where the field is Optional)."""
+  if tp not in _SCALAR_WORDS:
+    return
+  optional = tp is not hint and type(None) in typing.get_args(hint)
+  if value is None and optional:
+    return
+  ok = (isinstance(value, bool) if tp is bool else
+        isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else
+        isinstance(value, int) and not isinstance(value, bool) if tp is int else
+        isinstance(value, str))
+  if not ok:
+    raise ConfigError(f"{key} must be {_SCALAR_WORDS[tp]}{' or null' if optional else ''}, "
+                      f"got {value!r}")
+
+
 def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
   """Build dataclass `cls` from a dict, recursing into dataclass-typed fields.
 
@@ -228,6 +247,7 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
         raise ConfigError(f"{where}{name} must be a number, got {value!r}") from None
     elif tp is tuple or typing.get_origin(tp) is tuple:
       value = tuple(value) if isinstance(value, list) else value
+    _check_scalar(f"{where}{name}", value, hints[name], tp)
     kwargs[name] = value
   try:
     return cls(**kwargs)

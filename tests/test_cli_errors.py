@@ -233,3 +233,8 @@ def test_resume_says_so_and_logs_each_step_once(capsys, trained):
   assert "warning: resuming with settings that differ" in out.err and "run.log_every: 1 -> 2" in out.err
   steps = [json.loads(l)["step"] for l in open(trained / "metrics.jsonl")]
   assert steps == [1, 2, 3]
+
+
+def test_train_value_of_the_wrong_type_names_the_key(capsys):
+  rc = _train_main()(["--config", RECIPE, "gate.num_heads=x"])
+  assert "gate.num_heads must be an integer, got 'x'" in _error(capsys, rc)
