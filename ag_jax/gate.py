@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
 from ag_jax.config import GateConfig
 from ag_jax.layers import normal, param
 from ag_jax.rope import apply_rope
@@ -65,8 +66,9 @@ class Gate(nn.Module):
     """x [B, T, E] -> logits [B, T, K] from each token's own state."""
     return x.astype(jnp.float32) @ self.w_out + self.bias
 
-  def __call__(self, x, positions, allowed, inv_freq, return_kv: bool = False):
-    """Training view. x [B, T, E]; allowed [B, T, S] causal/segment (and window) mask.
+  def __call__(self, x, positions, segments, inv_freq, return_kv: bool = False, backend=None):
+    """Training view. x [B, T, E]; positions, segments [B, T]: causal within a segment (and
+    the last `gate.window` tokens), blocked so no [T, T] score matrix exists.
 
     Returns logits [B, T, K] (and the gate's own k, v [B, T, N, D] for the decode cache).
     """
@@ -74,8 +76,9 @@ class Gate(nn.Module):
       logits = self.linear_logits(x)
       return (logits, None) if return_kv else logits
     q, k, v = self.project(x, positions, inv_freq)
-    scores = jnp.einsum("BTND,BSND->BNTS", q, k) / np.sqrt(self.gate.head_dim)
-    scores = jnp.where(allowed[:, None], scores, -jnp.inf)  # the diagonal is always allowed
-    attended = jnp.einsum("BNTS,BSND->BTND", jax.nn.softmax(scores, axis=-1), v)
+    # The blocked kernel groups queries per KV head: here every gate head has its own k/v.
+    attended = pallas_kernels.gated_attention(
+        q[:, :, :, None], k, v, positions, positions, segments, segments, None,
+        window=self.gate.window, backend=backend)[:, :, :, 0]  # [B, T, N, D]
     logits = self.read_out(attended)
     return (logits, (k, v)) if return_kv else logits

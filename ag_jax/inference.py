@@ -15,7 +15,7 @@ import numpy as np
 
 import pallas_kernels
 from ag_jax import cache as cache_lib
-from ag_jax.attention import gated_attention
+from ag_jax.attention import attend, attention_probs
 
 
 def layer_step(layer, carry, ctx, layer_index):
@@ -37,13 +37,17 @@ def _prefill(layer, x, ctx):
   if policy.uses_gate:
     prob, gate_kv = layer.gate_probs(h, ctx, return_kv=True)  # [B, K, T]
     flags = prob > layer.gate.threshold
-  attend = policy.prefill_attend(prob, flags, valid)
+  attend_flags = policy.prefill_attend(prob, flags, valid)  # [B, K, T] bool or None
+  attention_flags = None if attend_flags is None else attend_flags.astype(jnp.float32)
   q, k, v = layer.attn.project(h, ctx.positions, layer.inv_freq)  # k, v [B, T, K, H]
-  out, probs = gated_attention(q, k, v, ctx.allowed, attend, return_probs=True)
+  out = attend(q, k, v, ctx.positions, ctx.segments, attention_flags, ctx.backend)
+  probs = None
+  if policy.needs_prefill_probs:  # [B, K, G, T, T]: one-shot, as kvpress's eager attention
+    probs = attention_probs(q, k, ctx.positions, ctx.segments, attention_flags)
   x = layer.mlp_block(x + layer.attn.output(out).astype(x.dtype))
 
-  store, score = policy.prefill_select(prob, flags, valid, positions,
-                                       probs if policy.needs_prefill_probs else None)
+  extra = {"keys": k.transpose(0, 2, 1, 3)} if policy.needs_prefill_keys else {}
+  store, score = policy.prefill_select(prob, flags, valid, positions, probs, **extra)
   k_rows, v_rows = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
   k_c, v_c, score_c, src, length = pallas_kernels.compact(
       k_rows, v_rows, score.astype(jnp.float32), store, ctx.capacity, slots=ctx.capacity + 1,
@@ -90,9 +94,10 @@ def _decode(layer, carry, ctx, l):
   if policy.uses_gate:
     prob, kv = _decode_gate(layer, h, position, kv, l)
     flags = prob > layer.gate.threshold
-  keep, new_score = policy.decode_admit(prob, flags, position_bk)     # [B, K]
-  keep = keep & ctx.valid[:, None]  # finished sequences keep nothing
   q, k, v = layer.attn.project(h, position[:, None], layer.inv_freq)  # k, v [B, 1, K, H]
+  extra = {"key": k[:, 0]} if policy.needs_prefill_keys else {}       # Knorm scores the key
+  keep, new_score = policy.decode_admit(prob, flags, position_bk, **extra)  # [B, K]
+  keep = keep & ctx.valid[:, None]  # finished sequences keep nothing
 
   # Write the newcomer at slot `length` (always free), attend over [0, length] inclusive.
   length = kv.length[l]                                               # [B, K]

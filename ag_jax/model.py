@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ag_jax import inference
-from ag_jax.attention import Attention, allowed_mask
+from ag_jax.attention import Attention
 from ag_jax.config import GateConfig, ModelConfig
 from ag_jax.gate import Gate, straight_through
 from ag_jax.layers import MLP, RMSNorm, dtype_of, normal, param
@@ -39,9 +39,10 @@ REMAT_POLICIES = {
 class LayerContext:
   """What every layer needs besides its own weights; broadcast through the layer scan."""
 
+  # Masks are never materialised as [T, S]: attention derives them block by block from
+  # positions (causal, gate window) and segments (packed documents; prompt padding is 0).
   positions: jnp.ndarray | None = None     # [B, T] int32
-  allowed: jnp.ndarray | None = None       # [B, T, S] bool: causal and same segment
-  gate_allowed: jnp.ndarray | None = None  # [B, T, S] bool: as `allowed`, within the gate window
+  segments: jnp.ndarray | None = None      # [B, T] int32
   valid: jnp.ndarray | None = None         # [B, T] bool: prefill only, real prompt tokens
   mode: str = flax.struct.field(pytree_node=False, default="train")
   # Prefill only (decode reads them from the cache): see ag_jax.inference.
@@ -74,7 +75,8 @@ class DecoderLayer(nn.Module):
   def gate_probs(self, h, ctx: LayerContext, return_kv: bool = False):
     """Keep probabilities [B, K, T] (fp32) from the normalised states h [B, T, E]."""
     gate_freq = getattr(self, "gate_inv_freq", None)
-    out = self.evict_gate(h, ctx.positions, ctx.gate_allowed, gate_freq, return_kv=return_kv)
+    out = self.evict_gate(h, ctx.positions, ctx.segments, gate_freq, return_kv=return_kv,
+                          backend=ctx.backend)
     logits, gate_kv = out if return_kv else (out, None)
     prob = jax.nn.sigmoid(logits).transpose(0, 2, 1)  # [B, K, T]
     return (prob, gate_kv) if return_kv else prob
@@ -93,7 +95,8 @@ class DecoderLayer(nn.Module):
     if forced_keep is not None:
       flags = forced_keep.astype(bool)
       keep = flags.astype(jnp.float32)
-    x = x + self.attn(h, ctx.positions, ctx.allowed, self.inv_freq, keep).astype(x.dtype)
+    x = x + self.attn(h, ctx.positions, ctx.segments, self.inv_freq, keep,
+                      ctx.backend).astype(x.dtype)
     return self.mlp_block(x), (prob, flags)
 
 
@@ -132,11 +135,7 @@ class Llama(nn.Module):
     return jnp.einsum("BTE,EV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
   def context(self, positions, segment_ids, **static) -> LayerContext:
-    allowed = allowed_mask(segment_ids, segment_ids, positions, positions)
-    window = self.gate.window if self.gate is not None else None
-    gate_allowed = allowed if window is None else allowed_mask(
-        segment_ids, segment_ids, positions, positions, window)
-    return LayerContext(positions, allowed, gate_allowed, **static)
+    return LayerContext(positions, segment_ids.astype(jnp.int32), **static)
 
   def __call__(self, tokens, positions=None, segment_ids=None, keep=None, return_gates=False):
     """Training view. tokens int32 [B, T] -> logits [B, T, V] (fp32).

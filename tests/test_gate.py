@@ -132,18 +132,18 @@ def test_gate_params_are_separate_and_small(gated, tiny_cfg):
 def test_evicted_sink_gives_a_bounded_straight_through_gradient():
   """An evicted key whose logit dwarfs every visible one (a trained model's attention sink)
   must not produce an exploding flag gradient: it would drown all other gate gradients."""
-  from ag_jax.attention import gated_attention
+  from pallas_kernels import gated_attention
   rng = np.random.default_rng(0)
   t, h = 6, 4
   q = jnp.asarray(rng.normal(size=(1, t, 1, 1, h)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(1, t, 1, h)), jnp.float32)
   k = k.at[0, 0, 0].set(q[0, :, 0, 0].sum(0) * 40.0)  # key 0: logits ~+30 above the rest
   v = jnp.asarray(rng.normal(size=(1, t, 1, h)), jnp.float32)
-  allowed = jnp.tril(jnp.ones((t, t), bool))[None]
+  pos, seg = jnp.arange(t)[None], jnp.ones((1, t), jnp.int32)
   keep = jnp.ones((1, 1, t)).at[0, 0, 0].set(0.0)  # the sink is evicted
 
   def loss(flags):
-    return jnp.sum(gated_attention(q, k, v, allowed, flags) ** 2)
+    return jnp.sum(gated_attention(q, k, v, pos, pos, seg, seg, flags, block_k=4) ** 2)
 
   grad = np.asarray(jax.grad(loss)(keep))
   assert np.all(np.isfinite(grad))
@@ -156,7 +156,7 @@ def test_evicted_sink_gives_a_bounded_straight_through_gradient():
 def test_gated_attention_gradients_equal_plain_softmax_attention():
   """With every flag kept, gradients w.r.t. q, k, v equal a plain jax.nn.softmax attention's
   (a clip on the exponent must never touch visible keys, not even at the row max)."""
-  from ag_jax.attention import gated_attention
+  from pallas_kernels import gated_attention
   rng = np.random.default_rng(1)
   b, t, kv, g, h = 2, 5, 2, 2, 4
   q = jnp.asarray(rng.normal(size=(b, t, kv, g, h)), jnp.float32)
@@ -174,7 +174,10 @@ def test_gated_attention_gradients_equal_plain_softmax_attention():
 
   want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
   for keep in (None, jnp.ones((b, kv, t))):
-    got = jax.grad(loss(lambda q, k, v: gated_attention(q, k, v, allowed, keep)),
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    seg = jnp.ones((b, t), jnp.int32)
+    got = jax.grad(loss(lambda q, k, v: gated_attention(q, k, v, pos, pos, seg, seg, keep,
+                                                        block_k=2)),
                    argnums=(0, 1, 2))(q, k, v)
     for g_got, g_want in zip(got, want):
       np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=1e-5)

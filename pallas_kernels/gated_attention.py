@@ -1,0 +1,262 @@
+"""Blocked (flash-style) gated attention for the training view and prefill chunks.
+
+One function serves the model's attention (keys carry keep flags), the gate's own causal
+attention (no flags, optionally windowed) and a prefill chunk attending to the compacted
+cache plus itself. Masks come from positions and segments, never from a [T, S] array:
+
+  allowed[i, j] = k_pos[j] <= q_pos[i]  and  q_seg[i] == k_seg[j]
+                  and (window is None or k_pos[j] > q_pos[i] - window)
+  diagonal[i, j] = allowed[i, j] and k_pos[j] == q_pos[i]     (a token always sees itself)
+  weight[i, j]   = allowed ? (diagonal ? 1 : keep[j]) : 0
+  out_i = sum_j weight_ij exp(l_ij - M_i) v_j / sum_j weight_ij exp(l_ij - M_i),
+  l = scale * q.k, M_i the max of l over the visible keys (weight > 0).
+
+`keep` [B, K, S] is exactly 0/1 in the forward pass and may carry a straight-through
+gradient: the custom VJP returns d out / d keep as if keep were a real multiplicative
+weight, with a masked key's would-be exponent clipped at the visible max (exp(min(l - M,
+0))). Unclipped, an evicted attention sink 20-30 logits above every visible key would get
+a ~1e11 gradient and, through the global-norm clip, drown every other gate gradient.
+
+Memory: the jnp version scans key blocks, so its temporaries are O(T x block_k) per head,
+never [T, S]; the backward pass recomputes the logits block by block from the saved row
+max and row sum (both [B, K, G, T]). The Pallas forward kernel (`gated_attention_kernel`)
+computes the same (out, row max, row sum); the backward is this module's jnp scan on every
+backend. `gated_attention_dense` is the plain statement of the semantics (tests, benchmarks).
+
+Letters: B batch, T query time, S key time, K kv heads, G query heads per KV head, H head
+dim. K/V are never repeated per query head.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.backend import resolve_backend
+
+DEFAULT_BLOCK_K = 512
+
+
+def _allowed(q_pos, k_pos, q_seg, k_seg, window):
+  """q_pos, q_seg [B, T]; k_pos, k_seg [B, S] -> allowed, diagonal [B, T, S] bool."""
+  qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+  allowed = (kp <= qp) & (q_seg[:, :, None] == k_seg[:, None, :])
+  if window is not None:
+    allowed &= kp > qp - window
+  return allowed, allowed & (kp == qp)
+
+
+def _logits(q, k, scale):
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+  return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32,
+                    precision=precision) * scale
+
+
+def _weights(allowed, diagonal, keep):
+  """[B, T, S] masks and keep [B, K, S] or None -> weight [B, K, 1, T, S] f32."""
+  allowed, diagonal = allowed[:, None, None], diagonal[:, None, None]
+  if keep is None:
+    return allowed.astype(jnp.float32)
+  flags = keep.astype(jnp.float32)[:, :, None, None, :]
+  return jnp.where(allowed, jnp.where(diagonal, 1.0, flags), 0.0)
+
+
+def gated_attention_dense(q, k, v, q_positions, k_positions, q_segments, k_segments,
+                          keep=None, *, window=None, scale=None):
+  """The semantics above with a [B, K, G, T, S] score matrix: small shapes only.
+
+  Differentiable by plain autodiff; its gradients define what the blocked VJP must give.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  allowed, diagonal = _allowed(q_positions, k_positions, q_segments, k_segments, window)
+  logits = _logits(q, k, scale)                                    # [B, K, G, T, S]
+  weights = _weights(allowed, diagonal, keep)                      # [B, K, 1, T, S]
+  visible = lax.stop_gradient(weights) > 0
+  row_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1, keepdims=True)
+  row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  shifted = logits - row_max  # <= 0 on visible keys
+  # Clip only masked keys, by a select: jnp.minimum would split the gradient of a tie at 0
+  # (every row's strongest visible key) in half.
+  clipped = jnp.where(visible | (shifted < 0.0), shifted, 0.0)
+  unnormalised = weights * jnp.exp(jnp.where(allowed[:, None, None], clipped, -jnp.inf))
+  total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+  probs = unnormalised / jnp.where(total > 0, total, 1.0)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocked jnp version with the straight-through VJP
+
+
+def _pad_keys(block_k, k, v, k_pos, k_seg, keep):
+  """Pad S to a multiple of block_k; padded keys get segment -1 (never allowed)."""
+  s = k.shape[1]
+  pad = (-s) % block_k
+  if pad:
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    k_pos = jnp.pad(k_pos, ((0, 0), (0, pad)))
+    k_seg = jnp.pad(k_seg, ((0, 0), (0, pad)), constant_values=-1)
+    if keep is not None:
+      keep = jnp.pad(keep, ((0, 0), (0, 0), (0, pad)))
+  return k, v, k_pos, k_seg, keep
+
+
+def _key_blocks(block_k, k, v, k_pos, k_seg, keep):
+  """Leading block axis for lax.scan: k, v [n, B, bk, K, H]; pos, seg [n, B, bk]; keep
+  [n, B, K, bk] (or None)."""
+  b, s = k.shape[:2]
+  n = s // block_k
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, block_k, *x.shape[2:]), 1, 0)
+  blocks = (split(k), split(v), split(k_pos), split(k_seg))
+  if keep is None:
+    return blocks + (None,)
+  return blocks + (jnp.moveaxis(keep.reshape(*keep.shape[:2], n, block_k), 2, 0),)
+
+
+def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, keep, window, scale, block_k):
+  """-> out [B, T, K, G, H] (q.dtype), row_max, row_sum [B, K, G, T] f32."""
+  b, t, kh, g, h = q.shape
+  k, v, k_pos, k_seg, keep = _pad_keys(block_k, k, v, k_pos, k_seg, keep)
+
+  def step(carry, block):
+    m, l, acc = carry
+    kb, vb, kp, ks, keepb = block
+    allowed, diagonal = _allowed(q_pos, kp, q_seg, ks, window)
+    visible = _weights(allowed, diagonal, keepb) > 0                # [B, K, 1, T, bk]
+    logits = jnp.where(visible, _logits(q, kb, scale), -jnp.inf)    # [B, K, G, T, bk]
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    alpha = jnp.exp(m - m_safe)  # 0 while m is still -inf
+    p = jnp.exp(logits - m_safe[..., None])                         # 0 where not visible
+    l = alpha * l + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb,
+                    preferred_element_type=jnp.float32)
+    return (m_new, l, alpha[..., None] * acc + pv), None
+
+  init = (jnp.full((b, kh, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+          jnp.zeros((b, kh, g, t, h), jnp.float32))
+  (m, l, acc), _ = lax.scan(step, init, _key_blocks(block_k, k, v, k_pos, k_seg, keep))
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]                  # [B, K, G, T, H]
+  row_max = jnp.where(jnp.isfinite(m), m, 0.0)
+  return jnp.einsum("BKGTH->BTKGH", out).astype(q.dtype), row_max, l
+
+
+def _backward(q, k, v, q_pos, k_pos, q_seg, k_seg, keep, out, row_max, row_sum, d_out,
+              window, scale, block_k):
+  """Gradients to q, k, v and keep (None without keep), block by block over keys."""
+  s = k.shape[1]
+  k, v, k_pos, k_seg, keep_p = _pad_keys(block_k, k, v, k_pos, k_seg, keep)
+  d_out32 = d_out.astype(jnp.float32)
+  # D_i = sum_j p_ij dp_ij = dO_i . O_i
+  delta = jnp.einsum("BTKGH,BTKGH->BKGT", d_out32, out.astype(jnp.float32))
+  inv_sum = 1.0 / jnp.where(row_sum > 0, row_sum, 1.0)             # [B, K, G, T]
+  q32 = q.astype(jnp.float32)
+
+  def step(d_q, block):
+    kb, vb, kp, ks, keepb = block
+    allowed, diagonal = _allowed(q_pos, kp, q_seg, ks, window)
+    weights = _weights(allowed, diagonal, keepb)                    # [B, K, 1, T, bk]
+    shifted = _logits(q, kb, scale) - row_max[..., None]            # [B, K, G, T, bk]
+    # exp(min(l - M, 0)) on allowed keys: a visible key's weight is exp(l - M) <= 1; a
+    # masked key's would-be weight is clipped at the strongest visible key's.
+    e = jnp.where(allowed[:, None, None], jnp.exp(jnp.minimum(shifted, 0.0)), 0.0)
+    probs = weights * e * inv_sum[..., None]                        # 0 on masked keys
+    d_probs = jnp.einsum("BTKGH,BSKH->BKGTS", d_out32, vb.astype(jnp.float32))
+    centred = d_probs - delta[..., None]                            # dp_ij - D_i
+    d_logits = probs * centred * scale                              # [B, K, G, T, bk]
+    d_q = d_q + jnp.einsum("BKGTS,BSKH->BTKGH", d_logits, kb.astype(jnp.float32))
+    d_k = jnp.einsum("BKGTS,BTKGH->BSKH", d_logits, q32)
+    d_v = jnp.einsum("BKGTS,BTKGH->BSKH", probs, d_out32)
+    if keepb is None:
+      return d_q, (d_k, d_v, None)
+    flag_site = (allowed & ~diagonal)[:, None, None]                # [B, 1, 1, T, bk]
+    d_keep = jnp.sum(jnp.where(flag_site, e * centred * inv_sum[..., None], 0.0), axis=(2, 3))
+    return d_q, (d_k, d_v, d_keep)
+
+  blocks = _key_blocks(block_k, k, v, k_pos, k_seg, keep_p)
+  d_q, (d_k, d_v, d_keep) = lax.scan(step, jnp.zeros(q.shape, jnp.float32), blocks)
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :s]
+  d_k, d_v = unblock(d_k).astype(k.dtype), unblock(d_v).astype(v.dtype)
+  if d_keep is not None:  # [n, B, K, bk] -> [B, K, S]
+    d_keep = jnp.moveaxis(d_keep, 0, 2).reshape(*keep.shape[:2], -1)[..., :s].astype(keep.dtype)
+  return d_q.astype(q.dtype), d_k, d_v, d_keep
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _blocked(q, k, v, keep, q_pos, k_pos, q_seg, k_seg, window, scale, block_k, forward):
+  return forward(q, k, v, q_pos, k_pos, q_seg, k_seg, keep, window, scale, block_k)[0]
+
+
+def _blocked_fwd(q, k, v, keep, q_pos, k_pos, q_seg, k_seg, window, scale, block_k, forward):
+  out, row_max, row_sum = forward(q, k, v, q_pos, k_pos, q_seg, k_seg, keep, window, scale,
+                                  block_k)
+  return out, (q, k, v, keep, q_pos, k_pos, q_seg, k_seg, out, row_max, row_sum)
+
+
+def _blocked_bwd(window, scale, block_k, forward, residuals, d_out):
+  q, k, v, keep, q_pos, k_pos, q_seg, k_seg, out, row_max, row_sum = residuals
+  d_q, d_k, d_v, d_keep = _backward(q, k, v, q_pos, k_pos, q_seg, k_seg, keep, out, row_max,
+                                    row_sum, d_out, window, scale, block_k)
+  return d_q, d_k, d_v, d_keep, None, None, None, None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def gated_attention_reference(q, k, v, q_positions, k_positions, q_segments, k_segments,
+                              keep=None, *, window=None, scale=None, block_k=DEFAULT_BLOCK_K):
+  """The blocked jnp version: O(T x block_k) memory, straight-through VJP. See module doc."""
+  return gated_attention(q, k, v, q_positions, k_positions, q_segments, k_segments, keep,
+                         window=window, scale=scale, block_k=block_k, backend="reference")
+
+
+def _check(q, k, v, q_positions, k_positions, q_segments, k_segments, keep):
+  b, t, kh, _, h = q.shape
+  s = k.shape[1]
+  expected = {"k": (k.shape, (b, s, kh, h)), "v": (v.shape, (b, s, kh, h)),
+              "q_positions": (q_positions.shape, (b, t)), "q_segments": (q_segments.shape, (b, t)),
+              "k_positions": (k_positions.shape, (b, s)), "k_segments": (k_segments.shape, (b, s))}
+  if keep is not None:
+    expected["keep"] = (keep.shape, (b, kh, s))
+  for name, (got, want) in expected.items():
+    if tuple(got) != want:
+      raise ValueError(f"gated_attention: {name} has shape {tuple(got)}, expected {want} "
+                       f"for q {tuple(q.shape)} [B, T, K, G, H]")
+
+
+def gated_attention(q, k, v, q_positions, k_positions, q_segments, k_segments, keep=None, *,
+                    window=None, scale=None, block_k=None, backend=None):
+  """Blocked gated attention (module doc): q [B, T, K, G, H]; k, v [B, S, K, H]; positions
+  and segments int32 [B, T] / [B, S]; keep None or [B, K, S] float (0/1, straight-through).
+  Returns out [B, T, K, G, H] in q.dtype.
+
+  backend: "reference" (the jnp scan), or "tpu" / "gpu" / "interpret" for the Pallas
+  forward kernel; the backward is the jnp scan on every backend.
+  """
+  _check(q, k, v, q_positions, k_positions, q_segments, k_segments, keep)
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  block_k = min(block_k or DEFAULT_BLOCK_K, max(k.shape[1], 1))
+  backend = resolve_backend(backend)
+  forward = _forward if backend == "reference" else _kernel_forward(backend)
+  ints = [jnp.asarray(x, jnp.int32) for x in (q_positions, k_positions, q_segments, k_segments)]
+  return _blocked(q, k, v, keep, *ints, window, scale, block_k, forward)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_forward(backend: str):
+  """The Pallas forward kernel with `_forward`'s signature (hashable: a custom_vjp static)."""
+  from pallas_kernels import gated_attention_kernel
+
+  def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, keep, window, scale, block_k):
+    return gated_attention_kernel.gated_attention_forward(
+        q, k, v, q_pos, k_pos, q_seg, k_seg, keep, window=window, scale=scale,
+        block_k=min(block_k, 128), backend=backend)
+
+  return forward
