@@ -244,7 +244,9 @@ def gated_attention(q, k, v, q_positions, k_positions, q_segments, k_segments, k
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   block_k = min(block_k or DEFAULT_BLOCK_K, max(k.shape[1], 1))
   backend = resolve_backend(backend)
-  forward = _forward if backend == "reference" else _kernel_forward(backend)
+  # The Pallas forward exists for the TPU-style kernel (tpu, interpret); no Mosaic GPU
+  # variant yet, so "gpu" runs the jnp scan here while the other kernels use their GPU bodies.
+  forward = _kernel_forward(backend) if backend in ("tpu", "interpret") else _forward
   ints = [jnp.asarray(x, jnp.int32) for x in (q_positions, k_positions, q_segments, k_segments)]
   return _blocked(q, k, v, keep, *ints, window, scale, block_k, forward)
 
