@@ -23,7 +23,8 @@ import numpy as np
 
 from ag_jax import engine, policies
 from ag_jax.cache import full_kv_nbytes, kept_ratio
-from ag_jax.evaluation.scoring import CacheStats, _round_up, _teacher_forced, resolve_setting
+from ag_jax.evaluation.scoring import (CacheStats, _teacher_forced, padded_batches,
+                                       resolve_setting, score_and_greedy)
 
 PROTOCOLS = ("kvpress", "decode")
 
@@ -57,7 +58,6 @@ def score_protocol(model, variables, contexts: Sequence[Sequence[int]],
   if protocol not in PROTOCOLS:
     raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
   if protocol == "decode":
-    from ag_jax.evaluation.scoring import score_and_greedy  # pylint: disable=g-import-not-at-top
     return score_and_greedy(model, variables, contexts, continuations, policy=policy,
                             budget=budget, batch_size=batch_size, bucket=bucket, pad_id=pad_id,
                             backend=backend)
@@ -65,21 +65,11 @@ def score_protocol(model, variables, contexts: Sequence[Sequence[int]],
     raise NotImplementedError("the kvpress protocol needs engine.prefill(..., reserve=R); "
                               "this engine has none yet: use protocol='decode'")
   policy = policy or engine.default_policy(model)
-  order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]) + len(continuations[i]))
   scores, greedy = [None] * len(contexts), [None] * len(contexts)
   stats, cfg = CacheStats(), model.cfg
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
-    width = _round_up(max(len(contexts[i]) for i in rows), bucket)
-    steps = _round_up(max(len(continuations[i]) for i in rows), bucket)
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    targets = np.full((len(rows), steps), pad_id, np.int32)
-    active = np.zeros((len(rows), steps), bool)
-    for r, i in enumerate(rows):
-      tokens[r, :len(contexts[i])] = contexts[i]
-      targets[r, :len(continuations[i])] = continuations[i]
-      active[r, :len(continuations[i])] = True
-    lengths = np.array([len(contexts[i]) for i in rows], np.int32)
+  for rows, tokens, lengths, targets, active in padded_batches(
+      contexts, continuations, batch_size, bucket, pad_id):
+    width, steps = tokens.shape[1], targets.shape[1]
     t = int(lengths.max())
     keep = kvpress_capacity(t, budget if policy.evicts else None)
     bound, keep = resolve_setting(model, policy, t, keep, None)

@@ -94,6 +94,26 @@ def _round_up(n: int, bucket: int) -> int:
   return max(bucket, -(-n // bucket) * bucket)
 
 
+def padded_batches(prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                   batch_size: int, bucket: int, pad_id: int):
+  """Rows sorted by total length, in batches: yields (row indices, tokens [B, W], lengths
+  [B], targets [B, N], active [B, N] bool), widths rounded up to `bucket` so few shapes
+  compile."""
+  order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]) + len(continuations[i]))
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    width = _round_up(max(len(prefixes[i]) for i in rows), bucket)
+    steps = _round_up(max(len(continuations[i]) for i in rows), bucket)
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    targets = np.full((len(rows), steps), pad_id, np.int32)
+    active = np.zeros((len(rows), steps), bool)
+    for r, i in enumerate(rows):
+      tokens[r, :len(prefixes[i])] = prefixes[i]
+      targets[r, :len(continuations[i])] = continuations[i]
+      active[r, :len(continuations[i])] = True
+    yield rows, tokens, np.array([len(prefixes[i]) for i in rows], np.int32), targets, active
+
+
 def score_continuations(model: Llama, variables, prefixes: Sequence[Sequence[int]],
                         continuations: Sequence[Sequence[int]], *, policy: Policy | None = None,
                         capacity: int | None = None, budget: float | None = None,
@@ -123,22 +143,12 @@ def score_and_greedy(model: Llama, variables, prefixes: Sequence[Sequence[int]],
   for i, (p, c) in enumerate(zip(prefixes, continuations)):
     if not p or not c:
       raise ValueError(f"row {i}: prefix and continuation need at least one token each")
-  order = sorted(range(len(prefixes)), key=lambda i: (len(prefixes[i]) + len(continuations[i])))
   scores: list[np.ndarray | None] = [None] * len(prefixes)
   greedy: list[np.ndarray | None] = [None] * len(prefixes)
   stats, cfg = CacheStats(), model.cfg
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
-    width = _round_up(max(len(prefixes[i]) for i in rows), bucket)
-    steps = _round_up(max(len(continuations[i]) for i in rows), bucket)
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    targets = np.full((len(rows), steps), pad_id, np.int32)
-    active = np.zeros((len(rows), steps), bool)
-    for r, i in enumerate(rows):
-      tokens[r, :len(prefixes[i])] = prefixes[i]
-      targets[r, :len(continuations[i])] = continuations[i]
-      active[r, :len(continuations[i])] = True
-    lengths = np.array([len(prefixes[i]) for i in rows], np.int32)
+  for rows, tokens, lengths, targets, active in padded_batches(
+      prefixes, continuations, batch_size, bucket, pad_id):
+    width, steps = tokens.shape[1], targets.shape[1]
     # The budget is a fraction of the batch's longest real context, not of the padding.
     context = max(len(prefixes[i]) + len(continuations[i]) for i in rows)
     bound, cap = resolve_setting(model, policy, context, capacity, budget)
