@@ -8,6 +8,10 @@ and never read. `score` ranks slots when more tokens want to stay than fit.
 The gate's own small k/v cache covers every token (not only kept ones): the gate of a new
 token attends over the whole context, or the last `gate_window` tokens, as in training.
 It is a ring: position p lives in slot p % gate_slots.
+
+A cache is planned at prefill for `planned_context` positions (prompt width + the tokens to
+decode): its gate ring and a non-evicting cache are sized for exactly that, so the engine
+refuses to decode past it rather than silently compute another function.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class KVCache:
   seen: jnp.ndarray           # [B] int32: tokens that went through the cache (prompt + new)
   policy: Any = flax.struct.field(pytree_node=False, default=None)
   backend: str | None = flax.struct.field(pytree_node=False, default=None)
+  # Positions 0..planned_context-1 may be decoded; None: unplanned (built by hand).
+  planned_context: int | None = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def capacity(self) -> int:
@@ -80,12 +86,20 @@ def ring_valid(slots: int, position: jnp.ndarray) -> jnp.ndarray:
   return jnp.arange(slots)[None, :] <= position[:, None]
 
 
-def write_rows(buffer: jnp.ndarray, layer, slot: jnp.ndarray, value: jnp.ndarray) -> jnp.ndarray:
-  """buffer [L, B, K, S, ...]; write value [B, K, ...] at slot [B, K] of `layer`, in place."""
+def write_rows(buffer: jnp.ndarray, layer, slot: jnp.ndarray, value: jnp.ndarray,
+               active: jnp.ndarray | None = None) -> jnp.ndarray:
+  """buffer [L, B, K, S, ...]; write value [B, K, ...] at slot [B, K] of `layer`, in place.
+
+  active [B] bool: rows where it is False keep their old contents bit for bit (finished
+  sequences change nothing in the cache, so decoding can continue from it exactly)."""
   b, k = slot.shape
   bi = jnp.arange(b)[:, None]
   ki = jnp.arange(k)[None, :]
-  return buffer.at[layer, bi, ki, slot].set(value.astype(buffer.dtype))
+  value = value.astype(buffer.dtype)
+  if active is not None:
+    old = buffer[layer, bi, ki, slot]  # [B, K, ...]
+    value = jnp.where(active.reshape((b,) + (1,) * (value.ndim - 1)), value, old)
+  return buffer.at[layer, bi, ki, slot].set(value)
 
 
 def kept_ratio(cache: KVCache) -> jnp.ndarray:

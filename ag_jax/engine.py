@@ -33,7 +33,9 @@ def default_policy(model: Llama) -> Policy:
 
 def resolve_capacity(policy: Policy, context: int, capacity: int | None = None,
                      budget: float | None = None) -> int:
-  """Cache slots per (layer, sequence, KV head): `capacity`, or `budget` x context, or all."""
+  """Cache slots per (layer, sequence, KV head): `capacity`, or `budget` x context, or all.
+
+  A capacity above the context is honoured as given (the extra slots stay empty)."""
   if capacity is not None and budget is not None:
     raise InferenceError("give either capacity (tokens) or budget (a fraction), not both")
   if budget is not None:
@@ -47,7 +49,7 @@ def resolve_capacity(policy: Policy, context: int, capacity: int | None = None,
     raise InferenceError(
         f"the {policy.name} policy evicts nothing, so its cache needs capacity >= prompt + new "
         f"tokens = {context}; got {capacity}. Raise --capacity/--budget or choose an evicting policy")
-  return min(capacity, context)
+  return capacity
 
 
 def _check(model: Llama, policy: Policy, tokens: np.ndarray, lengths: np.ndarray):
@@ -65,40 +67,66 @@ def _check(model: Llama, policy: Policy, tokens: np.ndarray, lengths: np.ndarray
                          "load trained gates (--gates) or choose another policy")
 
 
+def planned_context(model: Llama, width: int, max_new_tokens: int = 0, reserve: int = 0) -> int:
+  """Positions a cache for prompts of `width` must hold: width + max_new_tokens + reserve,
+  checked against the model's max_position."""
+  for name, n in (("max_new_tokens", max_new_tokens), ("reserve", reserve)):
+    if int(n) < 0:
+      raise InferenceError(f"{name} must be >= 0, got {n}")
+  context = width + max_new_tokens + reserve
+  if context > model.cfg.max_position:
+    raise InferenceError(f"prompt ({width}) + max_new_tokens ({max_new_tokens}) + reserve "
+                         f"({reserve}) = {context} exceeds the model's max_position "
+                         f"{model.cfg.max_position}: shorten the prompts or the generation")
+  return context
+
+
 def _gate_slots(model: Llama, context: int) -> int:
   window = model.gate.window if model.gate is not None else None
   return min(window, context) if window else context
 
 
 @functools.partial(jax.jit, static_argnames=("model", "policy", "capacity", "gate_slots",
-                                             "backend", "all_logits"))
+                                             "backend", "all_logits", "context", "reserve"))
 def _prefill(variables, tokens, lengths, *, model, policy, capacity, gate_slots, backend,
-             all_logits):
+             all_logits, context, reserve=0):
   logits, layers = model.apply(variables, tokens, lengths, policy, capacity, gate_slots,
-                               backend, all_logits, method=Llama.prefill)
+                               backend, all_logits, reserve, method=Llama.prefill)
+  # With reserved room the tokens after the prompt are all kept: the policy compressed
+  # the prompt, decoding runs under Full (which never evicts below capacity).
+  decode_policy = Full() if reserve else policy
   cache = KVCache(**layers, next_position=lengths.astype(jnp.int32),
-                  seen=lengths.astype(jnp.int32), policy=policy, backend=backend)
+                  seen=lengths.astype(jnp.int32), policy=decode_policy, backend=backend,
+                  planned_context=context)
   return logits, cache
 
 
 def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | None = None,
             capacity: int | None = None, budget: float | None = None, max_new_tokens: int = 0,
-            backend: str | None = None, all_logits: bool = False):
+            reserve: int = 0, backend: str | None = None, all_logits: bool = False):
   """Right-padded prompts tokens [B, T] (lengths [B]) -> (logits, KVCache).
 
   logits: [B, V] predicting each prompt's next token, or [B, T, V] with all_logits.
-  The cache has room for `capacity` kept tokens per row (or `budget` x (T + max_new_tokens)).
+  The cache is planned for T + max_new_tokens positions, decoded through the policy, with
+  room for `capacity` kept tokens per row (or `budget` x (T + max_new_tokens)). Or, the
+  kvpress protocol: `reserve` R > 0 compresses the prompt alone to `capacity` (or `budget`
+  x T) kept tokens and adds R slots, so the next R tokens are all kept (the cache's policy
+  becomes Full). decode_step refuses to go past the plan.
   """
   policy = policy or default_policy(model)
   tokens = np.asarray(tokens, np.int32)
   lengths = np.full(tokens.shape[:1], tokens.shape[1], np.int32) if lengths is None \
       else np.asarray(lengths, np.int32)
   _check(model, policy, tokens, lengths)
-  context = tokens.shape[1] + max_new_tokens
-  policy, capacity = fit(policy, resolve_capacity(policy, context, capacity, budget))
+  if max_new_tokens and reserve:
+    raise InferenceError("give max_new_tokens (decoded through the policy) or reserve (kept "
+                         "whole, the kvpress protocol), not both")
+  context = planned_context(model, tokens.shape[1], max_new_tokens, reserve)
+  compressed = tokens.shape[1] + max_new_tokens  # what the policy's capacity applies to
+  policy, capacity = fit(policy, resolve_capacity(policy, compressed, capacity, budget))
   return _prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), model=model,
-                  policy=policy, capacity=capacity, gate_slots=_gate_slots(model, context),
-                  backend=backend, all_logits=all_logits)
+                  policy=policy, capacity=capacity, gate_slots=_gate_slots(model, compressed),
+                  backend=backend, all_logits=all_logits, context=context, reserve=int(reserve))
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
@@ -107,7 +135,18 @@ def _decode_step(variables, cache, next_tokens, *, model):
 
 
 def decode_step(model: Llama, variables, cache: KVCache, next_tokens):
-  """next_tokens [B] -> (logits [B, V], cache). The input cache is donated (updated in place)."""
+  """next_tokens [B] -> (logits [B, V], cache). The input cache is donated (updated in place).
+
+  Refused past the positions the cache was planned for at prefill: there its gate ring would
+  wrap and a non-evicting cache would start evicting, a function nobody trained or asked for.
+  """
+  if cache.planned_context is not None:
+    furthest = int(jax.device_get(jnp.max(cache.next_position)))
+    if furthest >= cache.planned_context:
+      raise InferenceError(
+          f"decoding position {furthest} goes past the {cache.planned_context} positions this "
+          f"cache was planned for at prefill (prompt width + max_new_tokens + reserve): "
+          f"prefill with a larger max_new_tokens")
   return _decode_step(variables, cache, jnp.asarray(next_tokens, jnp.int32), model=model)
 
 
@@ -128,7 +167,7 @@ def _generate(variables, tokens, lengths, rng, eos_id, pad_id, *, model, policy,
               gate_slots, backend, max_new_tokens, sampling):
   logits, cache = _prefill(variables, tokens, lengths, model=model, policy=policy,
                            capacity=capacity, gate_slots=gate_slots, backend=backend,
-                           all_logits=False)
+                           all_logits=False, context=tokens.shape[1] + max_new_tokens)
   rng, key = jax.random.split(rng)
   first = sample(logits, key, sampling)
   b = tokens.shape[0]
@@ -202,10 +241,7 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
     lengths = np.full(tokens.shape[:1], tokens.shape[1], np.int32) if lengths is None \
         else np.asarray(lengths, np.int32)
   _check(model, policy, tokens, lengths)
-  context = tokens.shape[1] + max_new_tokens
-  if context > model.cfg.max_position:
-    raise InferenceError(f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
-                         f"{context} exceeds the model's max_position {model.cfg.max_position}")
+  context = planned_context(model, tokens.shape[1], max_new_tokens)
   policy, capacity = fit(policy, resolve_capacity(policy, context, capacity, budget))
   args = (variables, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
           jnp.int32(eos_id), jnp.int32(pad_id))

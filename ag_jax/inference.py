@@ -50,7 +50,7 @@ def _prefill(layer, x, ctx):
   store, score = policy.prefill_select(prob, flags, valid, positions, probs, **extra)
   k_rows, v_rows = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
   k_c, v_c, score_c, src, length = pallas_kernels.compact(
-      k_rows, v_rows, score.astype(jnp.float32), store, ctx.capacity, slots=ctx.capacity + 1,
+      k_rows, v_rows, score.astype(jnp.float32), store, ctx.capacity, slots=ctx.capacity + ctx.reserve + 1,
       backend=ctx.backend)
   # Prompt positions are 0..T-1, so a slot's source index is its token position.
   layer_cache = dict(k=k_c, v=v_c, score=score_c, position=src, length=length,
@@ -65,16 +65,18 @@ def _prefill(layer, x, ctx):
   return x, layer_cache
 
 
-def _decode_gate(layer, h, position, cache, l):
-  """The new token's keep probability [B, K] from the gate's ring cache; updated cache."""
+def _decode_gate(layer, h, position, cache, l, active):
+  """The new token's keep probability [B, K] from the gate's ring cache; updated cache.
+
+  Rows not `active` [B] leave their ring untouched."""
   gate = layer.gate
   if gate.kind == "linear":
     return jax.nn.sigmoid(layer.evict_gate.linear_logits(h)[:, 0]), cache
   gq, gk, gv = layer.evict_gate.project(h, position[:, None], layer.gate_inv_freq)  # [B, 1, N, D]
   slots = cache.gate_k.shape[3]
   ring_slot = jnp.broadcast_to((position % slots)[:, None], gk.shape[:1] + gk.shape[2:3])  # [B, N]
-  gate_k = cache_lib.write_rows(cache.gate_k, l, ring_slot, gk[:, 0])
-  gate_v = cache_lib.write_rows(cache.gate_v, l, ring_slot, gv[:, 0])
+  gate_k = cache_lib.write_rows(cache.gate_k, l, ring_slot, gk[:, 0], active)
+  gate_v = cache_lib.write_rows(cache.gate_v, l, ring_slot, gv[:, 0], active)
   keys, values = gate_k[l], gate_v[l]  # [B, N, W, D]
   scores = jnp.einsum("BND,BNWD->BNW", gq[:, 0], keys) / np.sqrt(gate.head_dim)
   scores = jnp.where(cache_lib.ring_valid(slots, position)[:, None, :], scores, -jnp.inf)
@@ -86,27 +88,27 @@ def _decode_gate(layer, h, position, cache, l):
 def _decode(layer, carry, ctx, l):
   """carry = (x [B, 1, E], KVCache); l: this layer's index into the stacked cache."""
   x, kv = carry
-  policy, cfg = kv.policy, layer.cfg
+  policy, cfg, active = kv.policy, layer.cfg, ctx.valid              # active [B]
   position = kv.next_position                                         # [B]
   position_bk = jnp.broadcast_to(position[:, None], (x.shape[0], cfg.num_kv_heads))  # [B, K]
   h = layer.attn_norm(x)
   prob = flags = None
   if policy.uses_gate:
-    prob, kv = _decode_gate(layer, h, position, kv, l)
+    prob, kv = _decode_gate(layer, h, position, kv, l, active)
     flags = prob > layer.gate.threshold
   q, k, v = layer.attn.project(h, position[:, None], layer.inv_freq)  # k, v [B, 1, K, H]
   extra = {"key": k[:, 0]} if policy.needs_prefill_keys else {}       # Knorm scores the key
   keep, new_score = policy.decode_admit(prob, flags, position_bk, **extra)  # [B, K]
-  keep = keep & ctx.valid[:, None]  # finished sequences keep nothing
+  keep = keep & active[:, None]  # finished sequences keep nothing and write nothing
 
   # Write the newcomer at slot `length` (always free), attend over [0, length] inclusive.
   length = kv.length[l]                                               # [B, K]
-  k_all = cache_lib.write_rows(kv.k, l, length, k[:, 0])
-  v_all = cache_lib.write_rows(kv.v, l, length, v[:, 0])
+  k_all = cache_lib.write_rows(kv.k, l, length, k[:, 0], active)
+  v_all = cache_lib.write_rows(kv.v, l, length, v[:, 0], active)
   # Every stacked buffer is updated from its own latest version only, so XLA can update
   # it in place (reusing the original buffer for a second update would copy all layers).
-  score_all = cache_lib.write_rows(kv.score, l, length, new_score)
-  position_all = cache_lib.write_rows(kv.position, l, length, position_bk)
+  score_all = cache_lib.write_rows(kv.score, l, length, new_score, active)
+  position_all = cache_lib.write_rows(kv.position, l, length, position_bk, active)
   score, slot_position = score_all[l], position_all[l]                # [B, K, S]
   # The stacked buffers go in whole and the kernel reads layer l in place: slicing
   # k_all[l] here would copy the layer's K/V (a read and a write of it) every step.
@@ -114,7 +116,8 @@ def _decode(layer, carry, ctx, l):
       q[:, 0], k_all, v_all, length + 1, return_mass=policy.needs_decode_mass,
       backend=kv.backend, layer=l)
   out, mass = attended if policy.needs_decode_mass else (attended, None)  # out [B, K, G, H]
-  score = policy.decode_update(score, slot_position, mass, position_bk)
+  updated = policy.decode_update(score, slot_position, mass, position_bk)
+  score = jnp.where(active[:, None, None], updated, score)  # a finished row's scores stay
 
   # Admission: below capacity a kept newcomer just stays. At capacity it replaces the
   # lowest-ranked slot if it ranks higher; otherwise it is dropped (overwritten next step).
@@ -133,12 +136,14 @@ def _decode(layer, carry, ctx, l):
   # per layer per step. Make `target` depend on the attention output: x * 0 converts to 0
   # for every x (XLA's float-to-int conversion maps NaN to 0) and is not simplified away.
   target = target + (jnp.sum(out) * 0).astype(target.dtype)
+  # Slot `length` holds the newcomer's score and position (a finished row's old ones).
   score_newcomer = jnp.take_along_axis(score, length[..., None], axis=-1)[..., 0]
+  position_newcomer = jnp.take_along_axis(slot_position, length[..., None], axis=-1)[..., 0]
   kv = kv.replace(
-      k=cache_lib.write_rows(k_all, l, target, k[:, 0]),
-      v=cache_lib.write_rows(v_all, l, target, v[:, 0]),
+      k=cache_lib.write_rows(k_all, l, target, k[:, 0], active),
+      v=cache_lib.write_rows(v_all, l, target, v[:, 0], active),
       score=score_all.at[l].set(_set_rows(score, target, score_newcomer)),
-      position=position_all.at[l].set(_set_rows(slot_position, target, position_bk)),
+      position=position_all.at[l].set(_set_rows(slot_position, target, position_newcomer)),
       length=kv.length.at[l].set(length + (keep & ~full)),
   )
   x = x + layer.attn.output(out[:, None]).astype(x.dtype)

@@ -49,6 +49,7 @@ class LayerContext:
   policy: Any = flax.struct.field(pytree_node=False, default=None)
   capacity: int = flax.struct.field(pytree_node=False, default=0)
   gate_slots: int = flax.struct.field(pytree_node=False, default=0)
+  reserve: int = flax.struct.field(pytree_node=False, default=0)  # slots kept free for decode
   backend: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
@@ -153,17 +154,19 @@ class Llama(nn.Module):
     return (logits, (probs, flags)) if return_gates else logits
 
   def prefill(self, tokens, lengths, policy, capacity: int, gate_slots: int, backend=None,
-              all_logits: bool = False):
+              all_logits: bool = False, reserve: int = 0):
     """Right-padded prompts tokens [B, T], lengths [B] -> (logits, per-layer cache arrays).
 
     logits: [B, V] at each prompt's last token, or [B, T, V] with all_logits. The cache
     arrays are stacked over layers; `ag_jax.engine.prefill` wraps them in a KVCache.
+    Each row keeps at most `capacity` prompt tokens in `capacity + reserve + 1` slots.
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     valid = positions < lengths[:, None]
     ctx = self.context(positions, valid.astype(jnp.int32), mode="prefill", policy=policy,
-                       capacity=capacity, gate_slots=gate_slots, backend=backend)
+                       capacity=capacity, gate_slots=gate_slots, reserve=reserve,
+                       backend=backend)
     ctx = ctx.replace(valid=valid)
     x, layer_cache = self.layers(self.embed(tokens), ctx, None)
     if not all_logits:  # only the last prompt token's hidden state goes through the head
