@@ -2,84 +2,18 @@
 
 The library is `ag_jax.evaluation` (any model, variables and tokenizer); this module is
 the command line: load a model, build the tasks, sweep policies x budgets, write
-results.json and results.md (and PNG plots with --plots).
+results.json and results.md (and PNG plots with --plots). Its flags and their checks are
+`ag_jax.evaluate_args`; the ruler and stdlib_bpb tables are `ag_jax.evaluation.tables`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-DESCRIPTION = """\
-Evaluate KV-cache eviction policies under memory budgets, all through the same evicting
-cache and kernels.
+from ag_jax.evaluate_args import DESCRIPTION, build_parser, check_args, numbers, subtask_list
 
-Tasks (--task, repeatable):
-  recall        greedy answers to recall questions (the embedded world's test prompts, or
-                the generated recall corpus given by --recall), exact-match accuracy; the
-                context is prefilled and evicted first, then the question (from the last
-                '?') is read through the cache, as in kvpress
-  perplexity    teacher-forced perplexity: each text's first --prefix-fraction is
-                prefilled, the rest is decoded one token at a time through the cache
-  piqa, ai2_arc[/ARC-Easy|/ARC-Challenge], arc_easy, arc_challenge, boolq, hellaswag
-                multiple choice by log-likelihood (acc and acc_norm), read by TFDS name
-                from --data-dir (prepared as array_record; see ag_jax.data)
-
-Policies (--policy, repeatable; default: all that apply): ag (needs gates), full,
-streaming_llm, h2o, snapkv, random, local, each optionally with knobs, e.g.
-  --policy snapkv:window=16,kernel=5 --policy streaming_llm:sink=4 --policy h2o:recent=0.25
-A budget is the fraction of each batch's context the cache may hold; `full` runs once.
-
-Examples:
-  python -m ag_jax.evaluate                                   # the embedded world
-  python -m ag_jax.evaluate --task recall --task perplexity --budgets 0.1,0.25,0.5 --plots
-  python -m ag_jax.evaluate --model /models/Llama-2-7b-hf --gates runs/cpt/gates \\
-      --task piqa --task hellaswag --data-dir ~/tensorflow_datasets --num-examples 500
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m ag_jax.evaluate", description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  from ag_jax.batch_decode import add_model_arguments  # pylint: disable=g-import-not-at-top
-  src = add_model_arguments(p, "model (as decode.py)")
-  src.add_argument("--seed", type=int, default=0, help="init seed of preset models")
-  data = p.add_argument_group("tasks and data")
-  data.add_argument("--task", action="append", default=[], help="recall (default), "
-                    "perplexity, or a multiple-choice data set (repeatable)")
-  data.add_argument("--num-examples", type=int, default=64, help="examples per task (default 64)")
-  data.add_argument("--split", help="data split (default: test for recall, the labelled "
-                    "evaluation split for multiple choice)")
-  data.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's)")
-  data.add_argument("--recall", default="recall", help="recall corpus spec for models other "
-                    "than the embedded world, e.g. recall:doc_len=512,num_facts=8")
-  data.add_argument("--text-source", help="perplexity texts: a TFDS name or recall spec "
-                    "(default: the recall corpus)")
-  data.add_argument("--text-field", default="text")
-  data.add_argument("--prefix-fraction", type=float, default=0.5)
-  data.add_argument("--max-tokens", type=int, default=512, help="truncate perplexity texts")
-  ev = p.add_argument_group("eviction")
-  ev.add_argument("--policy", action="append", default=[], metavar="SPEC")
-  ev.add_argument("--budgets", default="0.25,0.5", help="comma-separated fractions (default 0.25,0.5)")
-  ev.add_argument("--capacities", help="comma-separated cache sizes in tokens, instead of budgets")
-  ev.add_argument("--batch-size", type=int, default=16)
-  ev.add_argument("--kernels", default=None, help="auto (default), reference, interpret, tpu, gpu")
-  out = p.add_argument_group("output")
-  out.add_argument("--out", default="outputs/eval", help="directory for results.json, "
-                   "results.md and plots (default outputs/eval)")
-  out.add_argument("--plots", action="store_true", help="also write PNG plots")
-  out.add_argument("--quiet", action="store_true")
-  return p
-
-
-def _numbers(text: str | None, kind, what: str) -> list:
-  if not text:
-    return []
-  try:
-    return [kind(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+__all__ = ["DESCRIPTION", "build_parser", "load", "main", "run", "run_table"]
 
 
 def _has_default_world() -> bool:
@@ -126,8 +60,11 @@ def build_tasks(args, world) -> list:
 def run(args) -> list[dict]:
   from ag_jax import evaluation as ev  # pylint: disable=g-import-not-at-top
 
-  budgets = _numbers(args.budgets, float, "--budgets")
-  capacities = _numbers(args.capacities, int, "--capacities")
+  check_args(args)
+  if set(args.task) & {"ruler", "stdlib_bpb"}:
+    return run_table(args)
+  budgets = numbers(args.budgets, float, "--budgets")
+  capacities = numbers(args.capacities, int, "--capacities")
   for spec in args.policy:  # input errors first, before minutes of loading
     ev.parse_policy(spec)
   for name in args.task:
@@ -150,6 +87,38 @@ def run(args) -> list[dict]:
   return rows
 
 
+def run_table(args) -> list[dict]:
+  """--task ruler or stdlib_bpb: one table, every length x policy x budget."""
+  from ag_jax import evaluation as ev  # pylint: disable=g-import-not-at-top
+  from ag_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from ag_jax.evaluation import tables  # pylint: disable=g-import-not-at-top
+  kind = args.task[0]
+  for spec in args.policy:  # input errors first, before minutes of loading
+    ev.parse_policy(spec)
+  model, variables, tokenizer, _ = load(args)
+  max_position = model.cfg.max_position
+  lengths = numbers(args.lengths, int, "--lengths") or tables.default_lengths(kind, max_position)
+  if not lengths:
+    raise ConfigError(f"the model's max_position {max_position} holds none of the default "
+                      f"lengths {','.join(map(str, tables.DEFAULT_LENGTHS))}: pass --lengths")
+  protocol, split = args.protocol or "kvpress", args.split or "test"
+  tasks = tables.build_tasks(kind, tokenizer, lengths=lengths, num_examples=args.num_examples,
+                             protocol=protocol, subtasks=subtask_list(args), split=split)
+  tables.check_fits(model, tokenizer, tasks)
+  specs = args.policy or [p for p in ev.DEFAULT_POLICIES if p != "ag" or model.gate is not None]
+  log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+  rows = tables.run_table(model, variables, tokenizer, tasks, specs,
+                          numbers(args.budgets, float, "--budgets"),
+                          batch_size=args.batch_size, backend=args.kernels, log=log)
+  meta = {"model": args.model or "default world", "gates": args.gates or (
+      "default world" if args.model is None and model.gate is not None else None),
+          "protocol": protocol, "split": split, "examples per length": args.num_examples}
+  paths = tables.write_table(rows, args.out, meta, plots=args.plots)
+  print(tables.markdown(rows))
+  print(f"wrote {', '.join(paths)}", file=sys.stderr)
+  return rows
+
+
 def write_plots(rows, out_dir: str) -> list[str]:
   from ag_jax import plots  # pylint: disable=g-import-not-at-top
   paths = []
@@ -169,12 +138,16 @@ def write_plots(rows, out_dir: str) -> list[str]:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    run(args)
-  except (ValueError, FileNotFoundError) as e:  # our input errors all derive from these
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  from ag_jax.cli_errors import run_cli  # pylint: disable=g-import-not-at-top
+
+  def go() -> int:
+    try:
+      run(args)
+    except (ValueError, FileNotFoundError) as e:  # the data and TFDS layers' input errors too
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    return 0
+  return run_cli(go)
 
 
 if __name__ == "__main__":

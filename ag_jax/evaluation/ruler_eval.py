@@ -104,13 +104,19 @@ class RulerTask:
     if capacity is not None:
       raise ValueError("the suite sizes caches by --budgets, not --capacities")
     encoded = [encode_example(tokenizer, ex) for ex in self.examples]
-    _, greedy, stats = score_protocol(
+    scores, greedy, stats = score_protocol(
         model, variables, [e[0] for e in encoded], [e[1] for e in encoded], policy=policy,
         budget=budget, protocol=self.protocol, batch_size=batch_size, pad_id=tokenizer.pad_id,
         backend=backend)
     shares = [np.mean([g[a:b].all() for a, b in spans]) for g, (_, _, spans) in
               zip(greedy, encoded)]
-    return {"accuracy": float(np.mean(shares)), "examples": len(self.examples),
+    # Mean NLL (nats) per answer token: a smooth signal where accuracy is all 0 or all 1.
+    answer_logp = [float(s[a:b].sum()) for s, (_, _, spans) in zip(scores, encoded)
+                   for a, b in spans]
+    answer_tokens = sum(b - a for _, _, spans in encoded for a, b in spans)
+    return {"accuracy": float(np.mean(shares)),
+            "answer_nll": -sum(answer_logp) / max(answer_tokens, 1),
+            "examples": len(self.examples),
             "length": self.length, "protocol": self.protocol, **stats.as_dict()}
 
 

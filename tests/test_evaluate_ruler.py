@@ -1,0 +1,214 @@
+"""`python -m ag_jax.evaluate --task ruler | stdlib_bpb`: the two tables of DESIGN §4b.
+
+A tiny random Llama (spread weights, so that attention and eviction matter) is saved as an HF
+directory and run through `evaluate.main` with the stdlib BPE; the rows are checked against
+the training view (the plain forward pass, with no cache), RulerTask and StdlibBpbTask run
+directly, and kvpress's capacity rule written out by hand."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import ag_jax
+from ag_jax import evaluate, policies
+from ag_jax.evaluation import ruler_eval
+from conftest import spread_variables
+from test_cli_errors import _error
+
+# Every batch of both lengths is 112 tokens wide with 48 continuation steps: one shape.
+SUBTASKS, LENGTHS, BUDGETS = ("niah_multikey", "vt"), (104, 112), (0.25, 0.5)
+SNAP = "snapkv:window=8"
+# The grid's evicting policy: its window bounds every cache to 16 slots, so that the grid
+# compiles once per shape (each capacity compiles; kvpress's budget rule is checked apart).
+STREAM = "streaming_llm:sink=4,window=12"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_cfg):
+  """(HF model dir, model, variables, tokenizer): vocab 2048 for the stdlib BPE."""
+  cfg = dataclasses.replace(tiny_cfg, vocab_size=2048, max_position=256)
+  model = ag_jax.Llama(cfg)
+  variables = spread_variables(model, seed=5)
+  path = str(tmp_path_factory.mktemp("ruler_model") / "model")
+  ag_jax.save_hf_llama(path, cfg, variables["params"])
+  return path, model, variables, ag_jax.load_tokenizer("stdlib_bpe:2048")
+
+
+def _cli(world, *argv) -> list[str]:
+  return ["--model", world[0], "--tokenizer", "stdlib_bpe:2048", "--quiet", *argv]
+
+
+def _rows(out) -> list[dict]:
+  with open(os.path.join(out, "results.json")) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def grid(world, tmp_path_factory):
+  """One decode-protocol run of the whole grid, with plots."""
+  out = str(tmp_path_factory.mktemp("ruler_grid") / "out")
+  argv = _cli(world, "--task", "ruler", "--subtasks", ",".join(SUBTASKS),
+              "--lengths", ",".join(map(str, LENGTHS)), "--num-examples", "2", "--policy", "full",
+              "--policy", STREAM, "--budgets", ",".join(map(str, BUDGETS)), "--protocol", "decode",
+              "--out", out, "--plots")
+  assert evaluate.main(argv) == 0
+  return out, _rows(out)
+
+
+_FORWARD = {}
+
+
+def _forward(model):
+  return _FORWARD.setdefault(model, jax.jit(model.apply))
+
+
+def training_view(model, variables, tokenizer, examples):
+  """(accuracy, answer NLL per token) of the Full cache, from one plain forward pass per
+  example: answer token j of the continuation is predicted at position len(context) - 1 + j."""
+  shares, nll, count = [], 0.0, 0
+  for ex in examples:
+    context, cont, spans = ruler_eval.encode_example(tokenizer, ex)
+    ids = np.zeros((1, 256), np.int32)  # one width, one compile; causal: the padding is unseen
+    ids[0, :len(context) + len(cont)] = context + cont
+    logits = np.asarray(_forward(model)(variables, ids), np.float64)[0]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    at = len(context) - 1 + np.arange(len(cont))
+    hits = logp[at].argmax(-1) == np.asarray(cont)
+    shares.append(np.mean([hits[a:b].all() for a, b in spans]))
+    for a, b in spans:
+      nll -= sum(logp[at[j], cont[j]] for j in range(a, b))
+      count += b - a
+  return float(np.mean(shares)), nll / count
+
+
+def test_ruler_rows_cover_the_grid(grid):
+  _, rows = grid
+  want = [(t, n, p, b) for t in SUBTASKS for n in LENGTHS
+          for p, b in [("full", 1.0)] + [(STREAM, b) for b in BUDGETS]]
+  assert [(r["task"], r["length"], r["policy"], r["budget"]) for r in rows] == want
+  for r in rows:
+    assert {"task", "length", "policy", "budget", "protocol", "accuracy", "kept"} <= set(r)
+    assert r["protocol"] == "decode" and r["examples"] == 2 and 0.0 <= r["accuracy"] <= 1.0
+    if r["policy"] == "full":
+      assert r["kept"] == 1.0 and r["describe"] == "Full()"
+    else:  # the window (4 sinks + 12 recent tokens) is below every budget's capacity
+      assert r["capacity"] == 16 and r["describe"] == "StreamingLLM(sink=4, window=12)"
+      assert 0.0 < r["kept"] <= r["budget"] and r["kv_mib"] < r["full_kv_mib"]
+  nll = {(r["task"], r["length"], r["policy"]): r["answer_nll"] for r in rows}
+  assert len(set(nll.values())) == len(nll)  # each cell and policy scored on its own
+
+
+def test_full_rows_equal_the_training_view_and_ruler_task(grid, world):
+  _, model, variables, tok = world
+  _, rows = grid
+  for r in (r for r in rows if r["policy"] == "full"):
+    (task,) = ruler_eval.build_ruler_tasks(tok, [r["task"]], [r["length"]], 2, protocol="decode")
+    accuracy, nll = training_view(model, variables, tok, task.examples)
+    assert r["accuracy"] == accuracy
+    assert abs(r["answer_nll"] - nll) < 1e-4
+    direct = task.run(model, variables, tok, policies.Full())
+    assert (direct["accuracy"], direct["answer_nll"]) == (r["accuracy"], r["answer_nll"])
+
+
+def test_evicting_row_equals_ruler_task_directly(grid, world):
+  _, model, variables, tok = world
+  (r,) = [r for r in grid[1] if (r["task"], r["length"], r["budget"]) == ("vt", 112, 0.25)]
+  (task,) = ruler_eval.build_ruler_tasks(tok, ["vt"], [112], 2, protocol="decode")
+  direct = task.run(model, variables, tok, policies.StreamingLLM(sink=4, window=12), budget=0.25)
+  assert (direct["accuracy"], direct["answer_nll"], direct["capacity"]) == \
+      (r["accuracy"], r["answer_nll"], r["capacity"])
+
+
+def test_ruler_markdown_and_plots(grid):
+  out, _ = grid
+  with open(os.path.join(out, "results.md")) as f:
+    table = f.read()
+  assert "### niah_multikey (protocol decode)" in table and "### vt (protocol decode)" in table
+  assert f"| 112 | {STREAM} | 0.25 |" in table and "| 104 | full | 1 |" in table
+  assert table.count("\n| 104 |") == table.count("\n| 112 |") == 6
+  for task in SUBTASKS:
+    for n in LENGTHS:
+      with open(os.path.join(out, f"{task}_{n}_vs_budget.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kvpress_protocol_compresses_the_context_only(grid, world, tmp_path):
+  """kvpress keeps max(1, int(T * budget)) context tokens (T: the longest context), and with
+  nothing evicted it is the decode protocol's function."""
+  _, model, variables, tok = world
+  out = str(tmp_path / "kv")
+  assert evaluate.main(_cli(world, "--task", "ruler", "--subtasks", "niah_multikey", "--lengths",
+                            "104", "--num-examples", "2", "--policy", "full", "--policy", SNAP,
+                            "--budgets", "0.5", "--out", out)) == 0
+  full, snap = _rows(out)
+  assert full["protocol"] == snap["protocol"] == "kvpress"
+  (decode_full,) = [r for r in grid[1] if (r["task"], r["length"], r["policy"]) ==
+                    ("niah_multikey", 104, "full")]
+  assert abs(full["answer_nll"] - decode_full["answer_nll"]) < 1e-5
+  assert full["accuracy"] == decode_full["accuracy"]
+  (task,) = ruler_eval.build_ruler_tasks(tok, ["niah_multikey"], [104], 2)
+  longest = max(len(ruler_eval.encode_example(tok, ex)[0]) for ex in task.examples)
+  assert snap["capacity"] == max(1, int(longest * 0.5)) and snap["budget"] == 0.5
+  assert snap["kept"] < 1.0 and snap["answer_nll"] != full["answer_nll"]
+
+
+def test_stdlib_bpb_rows_equal_the_task_run_directly(world, tmp_path):
+  _, model, variables, tok = world
+  out = str(tmp_path / "bpb")
+  assert evaluate.main(_cli(world, "--task", "stdlib_bpb", "--lengths", "64", "--num-examples",
+                            "2", "--policy", "full", "--policy", "streaming_llm:sink=4",
+                            "--budgets", "0.5", "--protocol", "decode", "--out", out)) == 0
+  rows = _rows(out)
+  assert [(r["task"], r["length"], r["policy"], r["budget"]) for r in rows] == [
+      ("stdlib_bpb", 64, "full", 1.0), ("stdlib_bpb", 64, "streaming_llm:sink=4", 0.5)]
+  task = ruler_eval.StdlibBpbTask("stdlib_bpb", ruler_eval.bpb_windows(tok, 2, context=64),
+                                  protocol="decode")
+  for r, policy, budget in zip(rows, [policies.Full(), policies.StreamingLLM(sink=4)], [None, .5]):
+    direct = task.run(model, variables, tok, policy, budget=budget)
+    assert r["protocol"] == "decode" and r["bpb"] > 0.0
+    assert abs(r["bpb"] - direct["bpb"]) < 1e-6 and r["kept"] == direct["kept"]
+  assert rows[0]["bpb"] != rows[1]["bpb"]
+  with open(os.path.join(out, "results.md")) as f:
+    assert "### stdlib_bpb (protocol decode)" in f.read()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "ruler", "--subtasks", "niah_multikey,needle"],
+     "--subtasks: unknown RULER subtask 'needle'; known subtasks: niah_multikey"),
+    (["--task", "ruler", "--lengths", "512,8"], "--lengths 8: a context needs at least 16 tokens"),
+    (["--task", "ruler", "--lengths", "5x"], "--lengths must be comma-separated numbers"),
+    (["--task", "ruler", "--budgets", "0.5,1.5"], "--budgets: each budget is the fraction"),
+    (["--task", "stdlib_bpb", "--budgets", "0"], "in (0, 1]; got 0"),
+    (["--task", "ruler", "--protocol", "prefill"], "--protocol 'prefill' is not a protocol: use "
+     "kvpress"),
+    (["--task", "ruler", "--task", "recall"], "makes one table per command"),
+    (["--task", "recall", "--protocol", "decode"], "--protocol applies to --task ruler"),
+    (["--task", "stdlib_bpb", "--subtasks", "vt"], "--subtasks applies to --task ruler only"),
+    (["--task", "ruler", "--num-examples", "0"], "--num-examples must be a positive integer"),
+])
+def test_bad_table_flags_are_one_error_line(argv, message, capsys):
+  # Checked before anything loads: the model directory need not exist.
+  assert message in _error(capsys, evaluate.main(["--model", "/nonexistent/m", *argv]))
+
+
+def test_lengths_beyond_the_model_are_refused_before_running(world, capsys, tmp_path):
+  out = str(tmp_path / "never")
+  message = _error(capsys, evaluate.main(_cli(world, "--task", "ruler", "--lengths", "240",
+                                              "--subtasks", "niah_multikey",
+                                              "--num-examples", "1", "--out", out)))
+  assert "--lengths 240: niah_multikey needs up to" in message
+  assert "above the model's max_position 256: use smaller --lengths" in message
+  assert not os.path.exists(out)
+  byte_model = tmp_path / "bytes.yaml"  # a byte-vocabulary preset read with the stdlib BPE
+  byte_model.write_text("vocab_size: 259\ndim: 32\nnum_layers: 1\nnum_heads: 4\n"
+                        "num_kv_heads: 2\nhead_dim: 8\nmlp_dim: 64\nmax_position: 256\n")
+  message = _error(capsys, evaluate.main(["--model", str(byte_model), "--tokenizer",
+                                          "stdlib_bpe:2048", "--task", "stdlib_bpb", "--lengths",
+                                          "64", "--num-examples", "1", "--out", out]))
+  assert "but the model's vocab_size is 259: pass the model's own --tokenizer" in message
+  assert not os.path.exists(out)
