@@ -1,6 +1,6 @@
 """`python -m ag_jax.evaluate --task ruler | stdlib_bpb`: the two tables of DESIGN §4b.
 
-A tiny random Llama (spread weights, so that attention and eviction matter) is saved as an HF
+A tiny random Llama (large random weights, so that attention and eviction matter) is saved as an HF
 directory and run through `evaluate.main` with the stdlib BPE; the rows are checked against
 the training view (the plain forward pass, with no cache), RulerTask and StdlibBpbTask run
 directly, and kvpress's capacity rule written out by hand."""
@@ -9,14 +9,15 @@ import dataclasses
 import json
 import os
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ag_jax
 from ag_jax import evaluate, policies
 from ag_jax.evaluation import ruler_eval
-from conftest import spread_variables
 from test_cli_errors import _error
 
 # Every batch of both lengths is 112 tokens wide with 48 continuation steps: one shape.
@@ -27,12 +28,26 @@ SNAP = "snapkv:window=8"
 STREAM = "streaming_llm:sink=4,window=12"
 
 
+def random_variables(model, seed: int, scale: float = 0.3) -> dict:
+  """conftest.spread_variables without the jitted init (a compile of the whole model): base
+  matrices N(0, scale), norm scales 1 + N(0, 0.1), shapes from an abstract init."""
+  rng = np.random.RandomState(seed)
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0),
+                                                           jnp.zeros((1, 2), jnp.int32))))
+
+  def draw(path, x):
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    return jnp.asarray(1.0 + 0.1 * noise if path[-1].key == "scale" else scale * noise, x.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_cfg):
   """(HF model dir, model, variables, tokenizer): vocab 2048 for the stdlib BPE."""
   cfg = dataclasses.replace(tiny_cfg, vocab_size=2048, max_position=256)
   model = ag_jax.Llama(cfg)
-  variables = spread_variables(model, seed=5)
+  variables = random_variables(model, seed=5)
   path = str(tmp_path_factory.mktemp("ruler_model") / "model")
   ag_jax.save_hf_llama(path, cfg, variables["params"])
   return path, model, variables, ag_jax.load_tokenizer("stdlib_bpe:2048")
@@ -204,10 +219,12 @@ def test_lengths_beyond_the_model_are_refused_before_running(world, capsys, tmp_
   assert "--lengths 240: niah_multikey needs up to" in message
   assert "above the model's max_position 256: use smaller --lengths" in message
   assert not os.path.exists(out)
-  byte_model = tmp_path / "bytes.yaml"  # a byte-vocabulary preset read with the stdlib BPE
-  byte_model.write_text("vocab_size: 259\ndim: 32\nnum_layers: 1\nnum_heads: 4\n"
-                        "num_kv_heads: 2\nhead_dim: 8\nmlp_dim: 64\nmax_position: 256\n")
-  message = _error(capsys, evaluate.main(["--model", str(byte_model), "--tokenizer",
+  _, model, variables, _ = world  # the same model cut to a byte vocabulary, read with the BPE
+  byte_model = str(tmp_path / "bytes")
+  params = {**variables["params"], "embed": variables["params"]["embed"][:259],
+            "lm_head": variables["params"]["lm_head"][:, :259]}
+  ag_jax.save_hf_llama(byte_model, dataclasses.replace(model.cfg, vocab_size=259), params)
+  message = _error(capsys, evaluate.main(["--model", byte_model, "--tokenizer",
                                           "stdlib_bpe:2048", "--task", "stdlib_bpb", "--lengths",
                                           "64", "--num-examples", "1", "--out", out]))
   assert "but the model's vocab_size is 259: pass the model's own --tokenizer" in message
