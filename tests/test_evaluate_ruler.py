@@ -229,3 +229,13 @@ def test_lengths_beyond_the_model_are_refused_before_running(world, capsys, tmp_
                                           "64", "--num-examples", "1", "--out", out]))
   assert "but the model's vocab_size is 259: pass the model's own --tokenizer" in message
   assert not os.path.exists(out)
+
+
+def test_default_lengths_are_those_the_model_holds(world, capsys):
+  from ag_jax.evaluation import tables
+  assert tables.default_lengths("ruler", 1024) == [512]  # 256 positions left for the question
+  assert tables.default_lengths("stdlib_bpb", 1024) == [512, 1024]
+  assert tables.default_lengths("ruler", 8192) == [512, 1024, 2048, 4096]
+  message = _error(capsys, evaluate.main(_cli(world, "--task", "ruler")))  # max_position 256
+  assert "max_position 256 holds none of the default lengths 512,1024,2048,4096: pass " \
+      "--lengths" in message
