@@ -1,0 +1,76 @@
+"""The RULER training mix as configs/train/ruler_base.yaml uses it: the length ramp really
+orders documents short-first through the data iterator, and every document of the longest
+trained length fits in one packed row (a document cut into chunks would lose its needles)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from ag_jax.data import ruler
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "configs", "train", "ruler_base.yaml")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+  from ag_jax.train_config import load_train_config
+  return load_train_config(RECIPE)
+
+
+@pytest.fixture(scope="module")
+def tok():
+  from ag_jax.tokenizer import load_tokenizer
+  return load_tokenizer("stdlib_bpe:2048")
+
+
+def test_recipe_mix_parses_to_retrieval_tasks_over_a_ramp(recipe):
+  mix, tok_spec, size = ruler.parse_spec(recipe.data.source)
+  assert set(ruler.RETRIEVAL_TASKS) <= set(mix.tasks)
+  assert mix.max_length >= 512 and mix.min_length < 256 and mix.length_ramp > 0
+  assert tok_spec == recipe.data.tokenizer == "stdlib_bpe:2048"
+  assert recipe.model.overrides["vocab_size"] >= 2048
+  # evaluation at 2x the longest trained length (plus question and answer) needs positions
+  assert recipe.model.overrides["max_position"] >= 2 * mix.max_length + 64
+
+
+def test_ramp_bounds_each_example_length(tok):
+  mix = ruler.RulerMix(min_length=128, max_length=512, length_ramp=40)
+  for i in (0, 1, 10, 20, 39, 40, 80):
+    ex = mix.example(tok, "train", i)
+    top = 128 + min(1.0, i / 40) * (512 - 128)
+    assert ex["length"] <= round(top), (i, ex["length"], top)
+    assert ex["length"] == len(tok.encode(ex["context"], add_bos=True))
+  lengths = [mix.example(tok, "train", i)["length"] for i in range(40, 70)]
+  assert max(lengths) > 300  # past the ramp, long contexts appear
+
+
+def test_the_iterator_reads_short_documents_first_without_shuffle(recipe, tok):
+  """The ramp runs over source indices: only an unshuffled iterator visits them in order
+  (a shuffled one draws from all `size` indices, past the ramp, from the first step)."""
+  from ag_jax.data import DataIterator, open_source
+  assert recipe.data.shuffle is False
+  mix, _, _ = ruler.parse_spec(recipe.data.source)
+  source = open_source(recipe.data.source, "train")
+  it = DataIterator(source, tok, recipe.data.seq_len, 2, seed=recipe.data.seed,
+                    shuffle=recipe.data.shuffle)
+  batch = next(it)
+  seg = batch["segment_ids"]
+  doc_lengths = [int((row == s).sum()) for row in seg for s in np.unique(row) if s]
+  assert len(doc_lengths) >= 4  # several short documents packed per row
+  assert max(doc_lengths) <= mix.min_length + 80  # context + question + answer + eos
+  shuffled = DataIterator(source, tok, recipe.data.seq_len, 2, seed=0, shuffle=True)
+  seg = next(shuffled)["segment_ids"]
+  assert max(int((row == s).sum()) for row in seg for s in np.unique(row) if s) > \
+      mix.min_length + 80
+
+
+@pytest.mark.parametrize("task", ruler.RETRIEVAL_TASKS)
+def test_longest_documents_fit_one_row(recipe, tok, task):
+  mix, _, _ = ruler.parse_spec(recipe.data.source)
+  needles = mix.max_needles if task.startswith("niah") else None
+  config = ruler.RulerConfig(task=task, length=mix.max_length, num_needles=needles)
+  for i in range(2):
+    ex = ruler.generate_example(config, tok, "train", i)
+    ids = tok.encode(ex["text"], add_bos=True, add_eos=True)
+    assert ex["length"] <= mix.max_length < len(ids) <= recipe.data.seq_len
