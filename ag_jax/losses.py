@@ -7,6 +7,8 @@ or evict, so it never enters a keep ratio or the eviction loss.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -27,6 +29,51 @@ def lm_loss(logits: jnp.ndarray, targets: jnp.ndarray,
   mask = loss_mask.astype(jnp.float32)
   count = jnp.sum(mask)
   return -jnp.sum(target_log_probs * mask) / jnp.maximum(count, 1.0), count
+
+
+DEFAULT_LOSS_CHUNK_TOKENS = 1024  # tokens (batch x positions) per chunk of the chunked LM loss
+
+
+def lm_loss_chunked(hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.ndarray,
+                    loss_mask: jnp.ndarray, chunk: int | None = None
+                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`lm_loss` of the logits `hidden @ head`, without ever holding [B, T, V].
+
+  hidden [B, T, E] (after the final norm, in the model's dtype); head [E, V] (the output
+  projection, cast to hidden's dtype as `Llama.logits` does); targets, loss_mask [B, T].
+  The sequence is cut into chunks of `chunk` positions (default: DEFAULT_LOSS_CHUNK_TOKENS
+  // B; the last chunk is padded with masked positions). Each chunk computes its fp32
+  logits [B, chunk, V], their logsumexp and the target logit, under `jax.checkpoint`: the
+  backward pass recomputes one chunk's logits at a time, so forward and backward hold
+  O(B x chunk x V), never [B, T, V]. Returns (mean loss, token count) like `lm_loss`.
+  """
+  b, t, e = hidden.shape
+  chunk = max(1, DEFAULT_LOSS_CHUNK_TOKENS // b) if chunk is None else int(chunk)
+  chunk = min(chunk, t)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  mask = loss_mask.astype(jnp.float32)
+  targets = targets.astype(jnp.int32)
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # [n, B, C, ...]
+  head = head.astype(hidden.dtype)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False,
+                     policy=jax.checkpoint_policies.nothing_saveable)
+  def chunk_nll(args):
+    h, tgt, m = args  # [B, C, E], [B, C], [B, C]
+    logits = jnp.einsum("BCE,EV->BCV", h, head, preferred_element_type=jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
+    target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]  # [B, C]
+    # where, not a product: a masked position's logits may be anything (even inf)
+    return jnp.sum(jnp.where(m > 0, (log_z - target_logit) * m, 0.0))
+
+  total = jnp.sum(jax.lax.map(chunk_nll, (split(hidden), split(targets), split(mask))))
+  count = jnp.sum(mask)
+  return total / jnp.maximum(count, 1.0), count
 
 
 def layer_mean_prob(probs: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:

@@ -89,16 +89,36 @@ def init_state(trainable_params: Any, tx: optax.GradientTransformation) -> Train
 # Steps
 
 
-def make_loss_fn(model: Llama, trainable: str) -> Callable:
-  """(trainable params, frozen params, batch) -> (loss, metrics)."""
+def training_forward(module: Llama, tokens, positions, segment_ids, backend=None):
+  """The training view up to the output projection (a `method=` for `Llama.apply`).
+
+  -> (hidden [B, T, E] after the final norm, head [E, V], (probs, flags)): what
+  `Llama.__call__(..., return_gates=True)` computes before its logits, so the LM loss can be
+  taken in chunks (`losses.lm_loss_chunked`) and [B, T, V] never exists. `backend` picks the
+  gated attention (None: the dispatcher's choice; "dense": the [T, S] statement, benchmarks).
+  """
+  ctx = module.context(positions, segment_ids, backend=backend)
+  x, gates = module.layers(module.embed(tokens), ctx, None)
+  head = module.embedding.T if module.cfg.tie_embeddings else module.lm_head
+  return module.final_norm(x), head, gates
+
+
+def make_loss_fn(model: Llama, trainable: str, loss_chunk: int | None = None,
+                 backend: str | None = None) -> Callable:
+  """(trainable params, frozen params, batch) -> (loss, metrics).
+
+  The LM loss is taken over `loss_chunk` positions at a time (`losses.lm_loss_chunked`):
+  whole [B, T, V] logits exist neither in the forward nor in the backward pass.
+  """
   gate_cfg = model.gate
 
   def loss_fn(trainable_params, frozen, batch):
     params = merge_params(trainable_params, frozen, trainable)
-    logits, (probs, flags) = model.apply(  # logits [B, T, V]; probs, flags [L, B, K, T]
+    hidden, head, (probs, flags) = model.apply(  # hidden [B, T, E]; probs, flags [L, B, K, T]
         {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-        return_gates=True)
-    lm, count = losses.lm_loss(logits, batch["targets"], batch["loss_mask"])
+        backend, method=training_forward)
+    lm, count = losses.lm_loss_chunked(hidden, head, batch["targets"], batch["loss_mask"],
+                                       loss_chunk)
     metrics = {"lm_loss": lm, "tokens": count}
     loss = lm
     if gate_cfg is not None:
@@ -114,9 +134,10 @@ def make_loss_fn(model: Llama, trainable: str) -> Callable:
 
 
 def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: Callable,
-                    trainable: str = "gates") -> Callable:
+                    trainable: str = "gates", loss_chunk: int | None = None,
+                    backend: str | None = None) -> Callable:
   """(state, frozen, batch) -> (state, metrics); pure, jit it with `jit_train_step`."""
-  loss_fn = make_loss_fn(model, trainable)
+  loss_fn = make_loss_fn(model, trainable, loss_chunk, backend)
 
   def train_step(state: TrainState, frozen: dict, batch: dict):
     # Gradients w.r.t. argument 0 only: the frozen base is a constant of the backward pass.
@@ -131,9 +152,10 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: Ca
   return train_step
 
 
-def make_eval_step(model: Llama, trainable: str = "gates") -> Callable:
+def make_eval_step(model: Llama, trainable: str = "gates",
+                   loss_chunk: int | None = None) -> Callable:
   """(trainable params, frozen params, batch) -> metrics (no gradient)."""
-  loss_fn = make_loss_fn(model, trainable)
+  loss_fn = make_loss_fn(model, trainable, loss_chunk)
   return lambda trainable_params, frozen, batch: loss_fn(trainable_params, frozen, batch)[1]
 
 
