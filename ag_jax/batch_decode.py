@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--capacity", type=int, help="kept tokens per layer, sequence and KV head")
   ev.add_argument("--budget", type=float,
                   help="capacity as a fraction of prompt + new tokens, e.g. 0.25")
+  ev.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                  help="prefill long prompts in chunks of this many tokens, each compacted into "
+                       "the cache before the next: memory O(capacity + chunk) instead of O(prompt). "
+                       "Exact for ag, full, streaming_llm, local, random, knorm; h2o, snapkv, tova "
+                       "and observed_attention score by the whole prompt's attention and refuse it")
   gen = p.add_argument_group("generation")
   gen.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate per prompt (default 32; default world: 4)")
@@ -95,7 +100,8 @@ def _config_error(message: str):
 def check_args(args) -> None:
   """Checks of the flags alone, before anything is loaded or compiled."""
   positive = {"--max-new-tokens": args.max_new_tokens, "--batch-size": args.batch_size,
-              "--num-prompts": args.num_prompts, "--capacity": args.capacity}
+              "--num-prompts": args.num_prompts, "--capacity": args.capacity,
+              "--prefill-chunk": args.prefill_chunk}
   for flag, value in positive.items():
     if value is not None and value < 1:
       raise _config_error(f"{flag} must be a positive integer, got {value}")
@@ -310,7 +316,7 @@ def run(args) -> dict:
     result = ag_jax.generate(model, variables, ids, policy=policy, max_new_tokens=max_new,
                              capacity=args.capacity, budget=budget, sampling=sampling,
                              seed=args.seed, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                             backend=args.kernels)
+                             backend=args.kernels, prefill_chunk=args.prefill_chunk)
     stats.append(result)
     for p, text in zip(batch, result.texts(tokenizer)):
       row = {"prompt": p.text, "generation": text}

@@ -64,26 +64,41 @@ def full_kv_nbytes(num_layers: int, batch: int, num_kv_heads: int, head_dim: int
   return 2 * num_layers * batch * num_kv_heads * context * head_dim * np.dtype(dtype).itemsize
 
 
-def ring_from_prompt(x: jnp.ndarray, lengths: jnp.ndarray, slots: int) -> jnp.ndarray:
-  """Gate k or v of right-padded prompts into the ring layout.
+def gate_slots(gate, context: int) -> int:
+  """Ring slots of the gate cache for a plan of `context` positions: the gate's window, or
+  the whole context when it has none (or the context is shorter)."""
+  return min(gate.window, context) if gate.window else context
 
-  x [B, T, N, D], lengths [B] -> [B, N, W, D]. Slot s holds the latest prompt position
-  q < length with q % W == s; slots no prompt position maps to are zero (never read: a
-  ring slot s is read only once the position reaches s).
+
+def gate_cache_nbytes(gate, num_layers: int, batch: int, context: int, dtype) -> int:
+  """Bytes of the gate's k and v rings for a plan of `context` positions (0 for a linear
+  gate, which keeps no cache)."""
+  if gate is None or gate.kind == "linear":
+    return 0
+  return (2 * num_layers * batch * gate.kv_heads * gate_slots(gate, context) * gate.head_dim
+          * np.dtype(dtype).itemsize)
+
+
+def ring_positions(slots: int, start: int | jnp.ndarray) -> jnp.ndarray:
+  """[W] int32: the position ring slot s holds once positions < `start` are written (the
+  latest q < start with q % W == s); negative for slots nothing has been written to."""
+  s = jnp.arange(slots)
+  return s + slots * jnp.floor_divide(start - 1 - s, slots)
+
+
+def ring_update(ring: jnp.ndarray, x: jnp.ndarray, start, lengths: jnp.ndarray) -> jnp.ndarray:
+  """Write a chunk of gate k or v into the ring, each slot its latest position.
+
+  ring [B, M, W, D]; x [B, C, M, D] holds positions start..start+C-1; lengths [B]: positions
+  >= a row's length are padding and never written. -> [B, M, W, D]. C may exceed W (a
+  one-shot prompt): slot s then takes the latest position of the chunk with q % W == s.
   """
-  b, t = x.shape[:2]
-  s = jnp.arange(slots)[None, :]  # [1, W]
-  last = lengths[:, None] - 1     # [B, 1]
-  source = s + slots * jnp.maximum((last - s) // slots, 0)  # [B, W]
-  present = s <= last
-  gathered = jnp.take_along_axis(x, jnp.clip(source, 0, t - 1)[:, :, None, None], axis=1)
-  gathered = jnp.where(present[:, :, None, None], gathered, 0)  # [B, W, N, D]
-  return gathered.transpose(0, 2, 1, 3)
-
-
-def ring_valid(slots: int, position: jnp.ndarray) -> jnp.ndarray:
-  """[B, W] bool: ring slots holding one of the last W positions up to `position` [B]."""
-  return jnp.arange(slots)[None, :] <= position[:, None]
+  c, w = x.shape[1], ring.shape[2]
+  last = jnp.minimum(lengths, start + c)[:, None] - 1              # [B, 1] last real position
+  q = jnp.arange(w)[None, :] + w * jnp.floor_divide(last - jnp.arange(w)[None, :], w)  # [B, W]
+  written = q >= start                                              # q <= last by construction
+  gathered = jnp.take_along_axis(x, jnp.clip(q - start, 0, c - 1)[:, :, None, None], axis=1)
+  return jnp.where(written[:, None, :, None], gathered.transpose(0, 2, 1, 3).astype(ring.dtype), ring)
 
 
 def write_rows(buffer: jnp.ndarray, layer, slot: jnp.ndarray, value: jnp.ndarray,

@@ -185,6 +185,8 @@ def load_gates(path: str, model_cfg: ModelConfig | None = None) -> tuple[GateCon
                           "with the GateConfig fields and a 'model' object; export the gates again")
   try:
     trained_for = from_dict(ModelConfig, meta.pop("model"), where="model.")
+    # Exports from before gate k/v heads could be shared had one k/v head per query head.
+    meta.setdefault("num_kv_heads", None)
     gate_cfg = from_dict(GateConfig, meta)
   except (ConfigError, KeyError) as e:
     raise CheckpointError(f"{config_file!r} is not a valid gate config: {e}") from None

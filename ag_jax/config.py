@@ -129,10 +129,17 @@ class GateConfig:
 
   kind: str = "attention"
   num_heads: int = 4
-  head_dim: int = 32
+  # The gate's own k/v cache covers every token (a ring of `window` slots), so its size is
+  # what the defaults bound: one k/v head shared by the query heads, 24 dims, the last 1024
+  # tokens. That is 2.3% of a full cache's bytes per token on Llama-3-8B shapes (8 KV heads
+  # x 128) and 4.7% on Llama-3.2-1B (8 x 64), and it stops growing at 1024 tokens
+  # (`cache.gate_cache_nbytes`). The paper's MHA' (4 heads x 32, own k/v, whole context)
+  # is num_kv_heads=null, head_dim=32, window=null: 12.5% / 25%, growing with the context.
+  num_kv_heads: int | None = 1    # gate k/v heads (num_heads a multiple); None = num_heads
+  head_dim: int = 24
   threshold: float = 0.5
   init_keep_prob: float = 0.95
-  window: int | None = None       # the gate attends to the last `window` tokens; None = all
+  window: int | None = 1024       # the gate attends to the last `window` tokens; None = all
   target_keep: float = 0.5        # rho
   eviction_weight: float = 1.0    # lambda
   eviction_loss: str = "hinge"
@@ -153,10 +160,18 @@ class GateConfig:
       raise ConfigError(
           f"GateConfig.num_heads must be positive and head_dim positive and even, got "
           f"{self.num_heads} x {self.head_dim}")
+    if self.num_kv_heads is not None and (self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+      raise ConfigError(f"GateConfig.num_kv_heads must be a positive divisor of num_heads "
+                        f"({self.num_heads}) or null, got {self.num_kv_heads}")
     if self.window is not None and self.window <= 0:
       raise ConfigError(f"GateConfig.window must be a positive integer or null, got {self.window}")
     if self.eviction_weight < 0:
       raise ConfigError(f"GateConfig.eviction_weight must be >= 0, got {self.eviction_weight}")
+
+  @property
+  def kv_heads(self) -> int:
+    """Gate k/v heads: each is shared by num_heads // kv_heads gate query heads."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ag_jax.cache import KVCache, full_kv_nbytes, kept_ratio
+from ag_jax.cache import KVCache, full_kv_nbytes, gate_slots, kept_ratio
 from ag_jax.model import Llama
 from ag_jax.policies import AttentionGate, Full, Policy, fit
 from ag_jax.sampling import SamplingConfig, sample
@@ -82,8 +82,7 @@ def planned_context(model: Llama, width: int, max_new_tokens: int = 0, reserve: 
 
 
 def _gate_slots(model: Llama, context: int) -> int:
-  window = model.gate.window if model.gate is not None else None
-  return min(window, context) if window else context
+  return gate_slots(model.gate, context) if model.gate is not None else context
 
 
 @functools.partial(jax.jit, static_argnames=("model", "policy", "capacity", "gate_slots",
@@ -101,9 +100,65 @@ def _prefill(variables, tokens, lengths, *, model, policy, capacity, gate_slots,
   return logits, cache
 
 
+def empty_cache(model: Llama, batch: int, slots: int, gate_slots: int, policy: Policy,
+                backend=None) -> KVCache:
+  """A cache holding nothing: `slots` per row (capacity + 1, plus any reserve), a gate ring
+  of `gate_slots` when the policy uses the (attention) gate."""
+  cfg, gate = model.cfg, model.gate
+  rows = (cfg.num_layers, batch, cfg.num_kv_heads)
+  gate_k = gate_v = None
+  if policy.uses_gate and gate.kind == "attention":
+    ring = (cfg.num_layers, batch, gate.kv_heads, gate_slots, gate.head_dim)
+    gate_k, gate_v = jnp.zeros(ring, cfg.dtype), jnp.zeros(ring, cfg.dtype)  # two buffers
+  return KVCache(
+      k=jnp.zeros(rows + (slots, cfg.head_dim), cfg.dtype),
+      v=jnp.zeros(rows + (slots, cfg.head_dim), cfg.dtype),
+      score=jnp.zeros(rows + (slots,), jnp.float32), position=jnp.full(rows + (slots,), -1, jnp.int32),
+      length=jnp.zeros(rows, jnp.int32), gate_k=gate_k, gate_v=gate_v,
+      next_position=jnp.zeros((batch,), jnp.int32), seen=jnp.zeros((batch,), jnp.int32),
+      policy=policy, backend=backend)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "policy", "capacity", "gate_slots",
+                                             "backend", "all_logits", "context", "reserve",
+                                             "chunk"), donate_argnames=("cache",))
+def _prefill_chunked(variables, tokens, lengths, cache=None, *, model, policy, capacity, gate_slots,
+                     backend, all_logits, context, reserve, chunk):
+  """`_prefill` in chunks of `chunk` tokens (tokens [B, T], T a multiple of chunk): a scan
+  whose carry is the compacted cache, so only one chunk's K/V exist beside it. `cache`: an
+  `empty_cache` to fill in place (donated; built here when None)."""
+  b, t = tokens.shape
+  n = t // chunk
+  if cache is None:
+    cache = empty_cache(model, b, capacity + reserve + 1, gate_slots, policy, backend)
+
+  def step(carry, xs):
+    cache, last = carry
+    chunk_tokens, start = xs
+    x, cache = model.apply(variables, chunk_tokens, start, lengths, cache, policy, capacity,
+                           backend, method=Llama.prefill_chunk)  # x [B, C, E]
+    index = lengths - 1 - start  # each row's last prompt token, if in this chunk
+    picked = jnp.take_along_axis(x, jnp.clip(index, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+    last = jnp.where(((index >= 0) & (index < chunk))[:, None], picked, last)
+    logits = model.apply(variables, x, method=Llama.logits) if all_logits else None
+    return (cache, last), logits
+
+  xs = (tokens.reshape(b, n, chunk).transpose(1, 0, 2), jnp.arange(n, dtype=jnp.int32) * chunk)
+  last = jnp.zeros((b, model.cfg.dim), model.cfg.dtype)
+  (cache, last), chunk_logits = jax.lax.scan(step, (cache, last), xs)
+  if all_logits:  # [n, B, C, V] -> [B, T, V]
+    logits = chunk_logits.transpose(1, 0, 2, 3).reshape(b, t, -1)
+  else:
+    logits = model.apply(variables, last[:, None], method=Llama.logits)[:, 0]
+  cache = cache.replace(next_position=lengths.astype(jnp.int32), seen=lengths.astype(jnp.int32),
+                        policy=Full() if reserve else policy, planned_context=context)
+  return logits, cache
+
+
 def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | None = None,
             capacity: int | None = None, budget: float | None = None, max_new_tokens: int = 0,
-            reserve: int = 0, backend: str | None = None, all_logits: bool = False):
+            reserve: int = 0, chunk: int | None = None, backend: str | None = None,
+            all_logits: bool = False):
   """Right-padded prompts tokens [B, T] (lengths [B]) -> (logits, KVCache).
 
   logits: [B, V] predicting each prompt's next token, or [B, T, V] with all_logits.
@@ -112,6 +167,12 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
   kvpress protocol: `reserve` R > 0 compresses the prompt alone to `capacity` (or `budget`
   x T) kept tokens and adds R slots, so the next R tokens are all kept (the cache's policy
   becomes Full). decode_step refuses to go past the plan.
+
+  `chunk` C: the prompt goes through in chunks of C tokens, each attending to the kept
+  tokens plus itself and then compacted into the cache, so memory is O(capacity + C) per
+  layer instead of O(T). Exact (equal to one-shot) for AttentionGate, Full, StreamingLLM,
+  Local, Random and Knorm while the kept tokens fit the capacity; policies that score by
+  the prompt's attention (H2O, SnapKV, ObservedAttention, TOVA) are one-shot only.
   """
   policy = policy or default_policy(model)
   tokens = np.asarray(tokens, np.int32)
@@ -124,9 +185,32 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
   context = planned_context(model, tokens.shape[1], max_new_tokens, reserve)
   compressed = tokens.shape[1] + max_new_tokens  # what the policy's capacity applies to
   policy, capacity = fit(policy, resolve_capacity(policy, compressed, capacity, budget))
+  if chunk is not None:
+    chunk = _check_chunk(policy, chunk)
+    width = -(-tokens.shape[1] // chunk) * chunk  # padding positions are never kept
+    padded = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+    slots = _gate_slots(model, compressed)
+    # Filled in place: the scan's carry is this buffer, not a second copy of the cache.
+    empty = empty_cache(model, tokens.shape[0], capacity + reserve + 1, slots, policy, backend)
+    logits, cache = _prefill_chunked(
+        variables, jnp.asarray(padded), jnp.asarray(lengths), empty, model=model, policy=policy,
+        capacity=capacity, gate_slots=slots, backend=backend,
+        all_logits=all_logits, context=context, reserve=int(reserve), chunk=chunk)
+    return (logits[:, :tokens.shape[1]] if all_logits else logits), cache
   return _prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), model=model,
                   policy=policy, capacity=capacity, gate_slots=_gate_slots(model, compressed),
                   backend=backend, all_logits=all_logits, context=context, reserve=int(reserve))
+
+
+def _check_chunk(policy: Policy, chunk) -> int:
+  if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+    raise InferenceError(f"chunk must be a positive number of tokens, got {chunk!r}")
+  if not policy.chunkable:
+    raise InferenceError(
+        f"the {policy.name} policy scores tokens by the whole prompt's attention, so its "
+        "prefill is one-shot only: drop the prefill chunk (--prefill-chunk) for it, or choose "
+        "a chunkable policy (attention_gate, full, streaming_llm, local, random, knorm)")
+  return int(chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
@@ -162,12 +246,15 @@ class DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "policy", "capacity", "gate_slots", "backend",
-                                             "max_new_tokens", "sampling"))
+                                             "max_new_tokens", "sampling", "context", "chunk"))
 def _generate(variables, tokens, lengths, rng, eos_id, pad_id, *, model, policy, capacity,
-              gate_slots, backend, max_new_tokens, sampling):
-  logits, cache = _prefill(variables, tokens, lengths, model=model, policy=policy,
-                           capacity=capacity, gate_slots=gate_slots, backend=backend,
-                           all_logits=False, context=tokens.shape[1] + max_new_tokens)
+              gate_slots, backend, max_new_tokens, sampling, context, chunk=None):
+  prefill_args = dict(model=model, policy=policy, capacity=capacity, gate_slots=gate_slots,
+                      backend=backend, all_logits=False, context=context, reserve=0)
+  if chunk is None:
+    logits, cache = _prefill(variables, tokens, lengths, **prefill_args)
+  else:
+    logits, cache = _prefill_chunked(variables, tokens, lengths, chunk=chunk, **prefill_args)
   rng, key = jax.random.split(rng)
   first = sample(logits, key, sampling)
   b = tokens.shape[0]
@@ -227,8 +314,10 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
              max_new_tokens: int = 32, capacity: int | None = None, budget: float | None = None,
              sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int = -1,
              pad_id: int = 0, backend: str | None = None, return_cache: bool = False,
-             lengths=None) -> GenerateResult:
-  """Generate for a batch of prompts (token lists, or tokens [B, T] with `lengths`)."""
+             lengths=None, prefill_chunk: int | None = None) -> GenerateResult:
+  """Generate for a batch of prompts (token lists, or tokens [B, T] with `lengths`).
+
+  prefill_chunk: prefill the prompts in chunks of that many tokens (see `prefill`'s chunk)."""
   if max_new_tokens < 1:
     raise InferenceError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   policy = policy or default_policy(model)
@@ -243,11 +332,17 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
   _check(model, policy, tokens, lengths)
   context = planned_context(model, tokens.shape[1], max_new_tokens)
   policy, capacity = fit(policy, resolve_capacity(policy, context, capacity, budget))
+  width = tokens.shape[1]
+  if prefill_chunk is not None:
+    prefill_chunk = _check_chunk(policy, prefill_chunk)
+    tokens = np.pad(tokens, ((0, 0), (0, -(-width // prefill_chunk) * prefill_chunk - width)),
+                    constant_values=pad_id)  # padding positions are never kept
   args = (variables, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
           jnp.int32(eos_id), jnp.int32(pad_id))
   statics = dict(model=model, policy=policy, capacity=capacity,
                  gate_slots=_gate_slots(model, context), backend=backend,
-                 max_new_tokens=max_new_tokens, sampling=sampling)
+                 max_new_tokens=max_new_tokens, sampling=sampling, context=context,
+                 chunk=prefill_chunk)
   start = time.perf_counter()
   compiled = _compile(_generate, args, statics)
   compile_seconds = time.perf_counter() - start

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import pallas_kernels
 from ag_jax import cache as cache_lib
@@ -23,6 +22,8 @@ def layer_step(layer, carry, ctx, layer_index):
     return _prefill(layer, carry, ctx)
   if ctx.mode == "decode":
     return _decode(layer, carry, ctx, layer_index)
+  if ctx.mode == "chunk":
+    return _prefill_chunk(layer, carry, ctx, layer_index)
   raise ValueError(f"unknown layer mode {ctx.mode!r}")
 
 
@@ -56,32 +57,99 @@ def _prefill(layer, x, ctx):
   layer_cache = dict(k=k_c, v=v_c, score=score_c, position=src, length=length,
                      gate_k=None, gate_v=None)
   if gate_kv is not None:
-    # The gate computes in fp32 but its cache is stored in the model's dtype: in bf16 this
-    # halves the gate cache, which covers every token and so costs a real share of memory.
+    # Stored in the model's dtype; the gate already rounded its k/v to it (Gate.project).
     lengths = jnp.sum(ctx.valid, axis=1)
     cache_dtype = jnp.dtype(cfg.dtype)
     for name, value in (("gate_k", gate_kv[0]), ("gate_v", gate_kv[1])):
-      layer_cache[name] = cache_lib.ring_from_prompt(value, lengths, ctx.gate_slots).astype(cache_dtype)
+      ring = jnp.zeros((b, value.shape[2], ctx.gate_slots, value.shape[3]), cache_dtype)
+      layer_cache[name] = cache_lib.ring_update(ring, value, 0, lengths)
   return x, layer_cache
+
+
+def _prefill_chunk(layer, carry, ctx, l):
+  """carry = (x [B, C, E]: a chunk of right-padded prompts at positions ctx.positions, the
+  same start in every row; KVCache holding the compacted prompt before it); l: layer index.
+
+  The chunk attends to the kept tokens plus itself (causally), gets its flags, and is
+  compacted with the kept tokens into the cache: memory O(capacity + C) per layer, never
+  the prompt's whole K/V. Equal to one-shot prefill while nothing overflows the capacity.
+  """
+  x, kv = carry
+  policy, cfg = ctx.policy, layer.cfg
+  b, c = x.shape[:2]
+  shape = (b, cfg.num_kv_heads, c)
+  valid = jnp.broadcast_to(ctx.valid[:, None, :], shape)              # [B, K, C]
+  positions = jnp.broadcast_to(ctx.positions[:, None, :], shape)      # [B, K, C]
+  h = layer.attn_norm(x)
+  prob = flags = None
+  if policy.uses_gate:
+    prob, kv = _chunk_gate(layer, h, ctx, kv, l)                      # [B, K, C]
+    flags = prob > layer.gate.threshold
+  attend_flags = policy.prefill_attend(prob, flags, valid)            # [B, K, C] or None
+  q, k, v = layer.attn.project(h, ctx.positions, layer.inv_freq)      # k, v [B, C, K, H]
+
+  slots = kv.k.shape[3]
+  held = jnp.arange(slots)[None, None, :] < kv.length[l][..., None]   # [B, K, S]
+  chunk_keep = jnp.ones(shape, bool) if attend_flags is None else attend_flags
+  # The candidates: kept tokens, then the chunk. Layer l's K/V are read once, here, so the
+  # in-place write of the compacted rows below cannot force a copy of the whole cache.
+  cand_k = jnp.concatenate([kv.k[l], k.transpose(0, 2, 1, 3)], axis=2)  # [B, K, S + C, H]
+  cand_v = jnp.concatenate([kv.v[l], v.transpose(0, 2, 1, 3)], axis=2)
+  keys, values = cand_k.transpose(0, 2, 1, 3), cand_v.transpose(0, 2, 1, 3)  # [B, S + C, K, H]
+  # Kept tokens all precede the chunk: position -1 passes the causal test, segment 1 is
+  # every real query's; `held` masks the free slots.
+  key_positions = jnp.concatenate([jnp.full((b, slots), -1, jnp.int32), ctx.positions], axis=1)
+  key_segments = jnp.concatenate([jnp.ones((b, slots), jnp.int32), ctx.segments], axis=1)
+  keep = jnp.concatenate([held, chunk_keep], axis=-1).astype(jnp.float32)  # [B, K, S + C]
+  out = pallas_kernels.gated_attention(q, keys, values, ctx.positions, key_positions,
+                                       ctx.segments, key_segments, keep, backend=ctx.backend)
+  x = layer.mlp_block(x + layer.attn.output(out).astype(x.dtype))
+
+  extra = {"keys": k.transpose(0, 2, 1, 3)} if policy.needs_prefill_keys else {}
+  store, score = policy.chunk_select(prob, flags, valid, positions, **extra)
+  k_c, v_c, score_c, src, length = pallas_kernels.compact(
+      cand_k, cand_v, jnp.concatenate([kv.score[l], score.astype(jnp.float32)], axis=-1),
+      jnp.concatenate([held, store], axis=-1), ctx.capacity, slots=slots, backend=ctx.backend)
+  candidates = jnp.concatenate([kv.position[l], positions], axis=-1)  # [B, K, S + C]
+  position = jnp.where(src >= 0, jnp.take_along_axis(candidates, jnp.maximum(src, 0), -1), -1)
+  kv = kv.replace(k=kv.k.at[l].set(k_c), v=kv.v.at[l].set(v_c), score=kv.score.at[l].set(score_c),
+                  position=kv.position.at[l].set(position), length=kv.length.at[l].set(length))
+  return (x, kv), None
+
+
+def _chunk_gate(layer, h, ctx, kv, l):
+  """Keep probabilities [B, K, C] of a prompt chunk; the gate ring with the chunk written."""
+  gate = layer.evict_gate
+  if layer.gate.kind == "linear":
+    return jax.nn.sigmoid(gate.linear_logits(h)).transpose(0, 2, 1), kv
+  start = ctx.positions[0, 0]
+  lengths = start + jnp.sum(ctx.valid, axis=1)  # [B]: rows that ended earlier write nothing
+  ring_positions = jnp.broadcast_to(cache_lib.ring_positions(kv.gate_k.shape[3], start),
+                                    (h.shape[0], kv.gate_k.shape[3]))  # [B, W]
+  ring_segments = jnp.where((ring_positions >= 0) & (ring_positions < lengths[:, None]), 1, -1)
+  logits, (gk, gv) = gate.chunk(h, ctx.positions, ctx.segments, layer.gate_inv_freq,
+                                kv.gate_k[l], kv.gate_v[l], ring_positions, ring_segments,
+                                ctx.backend)
+  kv = kv.replace(
+      gate_k=kv.gate_k.at[l].set(cache_lib.ring_update(kv.gate_k[l], gk, start, lengths)),
+      gate_v=kv.gate_v.at[l].set(cache_lib.ring_update(kv.gate_v[l], gv, start, lengths)))
+  return jax.nn.sigmoid(logits).transpose(0, 2, 1), kv
 
 
 def _decode_gate(layer, h, position, cache, l, active):
   """The new token's keep probability [B, K] from the gate's ring cache; updated cache.
 
-  Rows not `active` [B] leave their ring untouched."""
-  gate = layer.gate
-  if gate.kind == "linear":
-    return jax.nn.sigmoid(layer.evict_gate.linear_logits(h)[:, 0]), cache
-  gq, gk, gv = layer.evict_gate.project(h, position[:, None], layer.gate_inv_freq)  # [B, 1, N, D]
+  Rows not `active` [B] leave their ring untouched.
+  """
+  gate = layer.evict_gate
+  if layer.gate.kind == "linear":
+    return jax.nn.sigmoid(gate.linear_logits(h)[:, 0]), cache
+  gq, gk, gv = gate.project(h, position[:, None], layer.gate_inv_freq)  # [B, 1, N|M, D]
   slots = cache.gate_k.shape[3]
-  ring_slot = jnp.broadcast_to((position % slots)[:, None], gk.shape[:1] + gk.shape[2:3])  # [B, N]
+  ring_slot = jnp.broadcast_to((position % slots)[:, None], gk.shape[:1] + gk.shape[2:3])  # [B, M]
   gate_k = cache_lib.write_rows(cache.gate_k, l, ring_slot, gk[:, 0], active)
   gate_v = cache_lib.write_rows(cache.gate_v, l, ring_slot, gv[:, 0], active)
-  keys, values = gate_k[l], gate_v[l]  # [B, N, W, D]
-  scores = jnp.einsum("BND,BNWD->BNW", gq[:, 0], keys) / np.sqrt(gate.head_dim)
-  scores = jnp.where(cache_lib.ring_valid(slots, position)[:, None, :], scores, -jnp.inf)
-  attended = jnp.einsum("BNW,BNWD->BND", jax.nn.softmax(scores, axis=-1), values)
-  logits = layer.evict_gate.read_out(attended[:, None])[:, 0]  # [B, K]
+  logits = gate.decode_logits(gq[:, 0], gate_k[l], gate_v[l], position)
   return jax.nn.sigmoid(logits), cache.replace(gate_k=gate_k, gate_v=gate_v)
 
 

@@ -64,7 +64,7 @@ class DecoderLayer(nn.Module):
     self.mlp_norm = RMSNorm(cfg.rms_eps, cfg.param_dtype)
     self.mlp = MLP(cfg.dim, cfg.mlp_dim, cfg.dtype, cfg.param_dtype)
     if self.gate is not None:
-      self.evict_gate = Gate(self.gate, cfg.dim, cfg.num_kv_heads, name="gate")
+      self.evict_gate = Gate(self.gate, cfg.dim, cfg.num_kv_heads, cfg.dtype, name="gate")
     self.inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
     if self.gate is not None and self.gate.kind == "attention":
       self.gate_inv_freq = inverse_frequencies(self.gate.head_dim, cfg.rope_theta,
@@ -173,6 +173,18 @@ class Llama(nn.Module):
       x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
       return self.logits(x)[:, 0], layer_cache
     return self.logits(x), layer_cache
+
+  def prefill_chunk(self, tokens, start, lengths, cache, policy, capacity: int, backend=None):
+    """One chunk of right-padded prompts: tokens [B, C] at positions start..start+C-1
+    (lengths [B]), cache: the KVCache of the prompt before it. -> (hidden [B, C, E] before
+    the final norm, the cache with the chunk compacted in). `ag_jax.engine` scans chunks."""
+    b, c = tokens.shape
+    positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+    valid = positions < lengths[:, None]
+    ctx = LayerContext(positions, valid.astype(jnp.int32), valid, mode="chunk", policy=policy,
+                       capacity=capacity, backend=backend)
+    (x, cache), _ = self.layers((self.embed(tokens), cache), ctx, jnp.arange(self.cfg.num_layers))
+    return x, cache
 
   def decode(self, tokens, cache, active=None):
     """tokens [B] at cache.next_position -> (logits [B, V], cache after this token).

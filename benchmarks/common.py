@@ -229,6 +229,17 @@ def compile_all(jobs: list[tuple[Any, Callable[[], Any]]], workers: int | None =
     return out
 
 
+def add_gate_window(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--gate-window", type=int, default=None,
+                 help="the gate's window / ring slots (default: GateConfig's; 0: the whole context)")
+
+
+def gate_config(window: int | None):
+  """The default GateConfig, with --gate-window applied (0: a gate over the whole context)."""
+  from ag_jax.config import GateConfig
+  return GateConfig() if window is None else GateConfig(window=window or None)
+
+
 def engine_policy(policy, capacity: int):
   """(policy, capacity) as the engine builds a cache with them: engines with
   `policies.fit` bind the policy to the capacity (and cap window policies)."""

@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import common  # noqa: E402
 from ag_jax import engine  # noqa: E402
 from ag_jax.cache import KVCache  # noqa: E402
-from ag_jax.config import GateConfig, preset  # noqa: E402
+from ag_jax.config import preset  # noqa: E402
 from ag_jax.model import Llama, init_variables  # noqa: E402
 from ag_jax.policies import AttentionGate, Full  # noqa: E402
 
@@ -44,18 +44,20 @@ GRIDS = {  # contexts in priority order: a time-boxed run measures the first one
 RATIOS = "1,0.5,0.25,0.125"
 
 
-def make_cache(model: Llama, batch: int, context: int, capacity: int, backend, seed=0) -> KVCache:
-  """A full cache of `capacity` kept tokens out of `context` seen (random contents)."""
+def make_cache(model: Llama, batch: int, context: int, capacity: int, backend, seed=0,
+               planned_context: int | None = None) -> KVCache:
+  """A full cache of `capacity` kept tokens out of `context` seen (random contents), planned
+  for `planned_context` positions (default: context + 4096, room for every timed step)."""
   cfg = model.cfg
   L, K, H, S = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity + 1
   keys = jax.random.split(jax.random.key(seed), 5)
   kv_shape = (L, batch, K, S, H)
   gate_k = gate_v = None
-  if model.gate is not None:  # the gate's own k/v ring, as prefill stores it (fp32)
-    slots = engine._gate_slots(model, context)
-    ring = (L, batch, model.gate.num_heads, slots, model.gate.head_dim)
-    gate_k = jax.random.normal(keys[2], ring, jnp.float32)
-    gate_v = jax.random.normal(keys[3], ring, jnp.float32)
+  if model.gate is not None:  # the gate's own k/v ring, as prefill stores it (model dtype)
+    slots = engine._gate_slots(model, planned_context or context + 4096)
+    ring = (L, batch, model.gate.kv_heads, slots, model.gate.head_dim)
+    gate_k = jax.random.normal(keys[2], ring, jnp.dtype(cfg.dtype))
+    gate_v = jax.random.normal(keys[3], ring, jnp.dtype(cfg.dtype))
   # Kept tokens: an increasing subset of the context's positions; scores in (0.5, 1].
   position = (jnp.arange(S, dtype=jnp.int32) * context) // S
   return KVCache(
@@ -68,7 +70,8 @@ def make_cache(model: Llama, batch: int, context: int, capacity: int, backend, s
       next_position=jnp.full((batch,), context, jnp.int32),
       seen=jnp.full((batch,), context, jnp.int32),
       policy=common.engine_policy(AttentionGate() if model.gate is not None else Full(),
-                                  capacity)[0], backend=backend)
+                                  capacity)[0], backend=backend,
+      planned_context=planned_context or context + 4096)
 
 
 def weight_bytes(params: dict, tied: bool) -> int:
@@ -200,7 +203,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, help="decode steps per timing round")
   p.add_argument("--backend", default=None,
                  help="kernel backend: reference, gpu, tpu, interpret (default: auto)")
-  p.add_argument("--gate-window", type=int, default=None, help="gate ring size (default: all)")
+  common.add_gate_window(p)
   p.add_argument("--copy-mib", type=int, default=None, help="bandwidth probe size")
   args = p.parse_args(argv)
   size = common.resolve_size(args.size)
@@ -225,7 +228,7 @@ def main(argv=None):
 
   for cfg_name in models:
     cfg = preset(cfg_name)
-    gated = Llama(cfg, gate=GateConfig(window=args.gate_window))
+    gated = Llama(cfg, gate=common.gate_config(args.gate_window))
     models_ = {True: gated, False: Llama(cfg)}
     with_gate = init_variables(gated, jax.random.key(0))
     variables = {True: with_gate, False: without_gate(with_gate)}

@@ -16,6 +16,7 @@ window): max batch = (limit - weights) / measured bytes per sequence at that con
 Activations and compiler scratch are not budgeted.
 
   python benchmarks/memory.py --size tiny --out memory.json
+  python benchmarks/memory.py --prefill-peak --size accelerator   # benchmarks/prefill_peak.py
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from ag_jax import engine  # noqa: E402
-from ag_jax.config import GateConfig, preset  # noqa: E402
+from ag_jax.config import preset  # noqa: E402
 from ag_jax.model import Llama, init_variables  # noqa: E402
 from ag_jax.policies import AttentionGate, Full  # noqa: E402
 
@@ -62,6 +63,9 @@ def measure(compiled, variables, tokens, lengths):
 
 
 def main(argv=None):
+  if "--prefill-peak" in (sys.argv[1:] if argv is None else argv):
+    import prefill_peak  # compile-only memory analysis of prefill at real shapes
+    return prefill_peak.main(argv)
   p = common.parser(__doc__.split("\n\n")[0])
   p.add_argument("--model", help="model preset")
   p.add_argument("--batch", type=int)
@@ -72,8 +76,7 @@ def main(argv=None):
                  help="memory limit for the fit table (default: the device's allocator limit; "
                       "tiny: 1 GiB)")
   p.add_argument("--fit-contexts", help="contexts of the fit table, e.g. 8k,32k,128k")
-  p.add_argument("--gate-window", type=int, default=None,
-                 help="the gate's ring size (default: the whole context, as GateConfig)")
+  common.add_gate_window(p)
   args = p.parse_args(argv)
   size = common.resolve_size(args.size)
   g = GRIDS[size]
@@ -87,7 +90,7 @@ def main(argv=None):
                                                 new_tokens=new_tokens, budgets=budgets,
                                                 gate_window=args.gate_window))
   cfg = preset(name)
-  gated = Llama(cfg, gate=GateConfig(window=args.gate_window))
+  gated = Llama(cfg, gate=common.gate_config(args.gate_window))
   plain = Llama(cfg)
   variables = init_variables(gated, jax.random.key(0))
   layers = {k: v for k, v in variables["params"]["layers"].items() if k != "gate"}
@@ -106,7 +109,8 @@ def main(argv=None):
     policy, capacity = common.engine_policy(
         policy, engine.resolve_capacity(policy, context, None, budget))
     statics = dict(model=model, policy=policy, capacity=capacity,
-                   gate_slots=engine._gate_slots(model, context), backend=None, all_logits=False)
+                   gate_slots=engine._gate_slots(model, context), backend=None, all_logits=False,
+                   context=context)
     v = variables if model is gated else variables_plain
     jobs.append((label, lambda v=v, s=statics: engine._prefill.lower(v, tokens, lengths, **s)))
   compiled = common.compile_all(jobs)

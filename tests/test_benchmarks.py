@@ -60,13 +60,14 @@ def test_decode_cache_is_what_prefill_builds(tiny_cfg, tiny_gate):
   tokens = np.ones((2, 24), np.int32)
   _, real = jax.eval_shape(lambda: ag_jax.prefill(model, variables, tokens, max_new_tokens=8,
                                                    capacity=12))  # traced, not compiled
-  built = decode.make_cache(model, batch=2, context=32, capacity=12, backend=None)
+  built = decode.make_cache(model, batch=2, context=24, capacity=12, backend=None,
+                            planned_context=32)
   shape = lambda c: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), c)  # noqa: E731
   assert jax.tree_util.tree_structure(real) == jax.tree_util.tree_structure(built)
   assert shape(real) == shape(built)
   token = jnp.zeros((2,), jnp.int32)
   logits, built = ag_jax.decode_step(model, variables, built, token)
-  assert np.isfinite(np.asarray(logits)).all() and int(built.next_position[0]) == 33
+  assert np.isfinite(np.asarray(logits)).all() and int(built.next_position[0]) == 25
   # Recompiling per step would dominate decode time: later steps must hit the jit cache.
   size = engine._decode_step._cache_size()
   for _ in range(3):

@@ -181,3 +181,66 @@ def test_gated_attention_gradients_equal_plain_softmax_attention():
                    argnums=(0, 1, 2))(q, k, v)
     for g_got, g_want in zip(got, want):
       np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,bound", [("llama3_8b", 0.03), ("llama3_2_1b", 0.06)])
+def test_default_gate_cache_is_bounded_at_preset_shapes(preset, bound):
+  """The default gate's k/v ring, computed (not allocated) at every context to 128k: at most
+  3% (Llama-3-8B) / 6% (Llama-3.2-1B) of a full cache's bytes, and constant past its window."""
+  from ag_jax.cache import full_kv_nbytes, gate_cache_nbytes
+  cfg, gate = ag_jax.config.preset(preset), ag_jax.GateConfig()
+  sizes = []
+  for context in (128, 1000, 1024, 2048, 8192, 32768, 131072):
+    ring = gate_cache_nbytes(gate, cfg.num_layers, 1, context, cfg.dtype)
+    full = full_kv_nbytes(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, context, cfg.dtype)
+    assert ring <= bound * full, (context, ring / full)
+    sizes.append(ring)
+  assert sizes[2:] == [sizes[2]] * 5  # does not grow with the context past the window
+  # The paper's layout (own k/v per head, whole context) would be 4x32/(8x128) = 12.5%.
+  paper = dataclasses.replace(gate, num_kv_heads=None, head_dim=32, window=None)
+  assert gate_cache_nbytes(paper, 1, 1, 4096, "bfloat16") == 2 * 4 * 32 * 4096 * 2
+
+
+@pytest.mark.parametrize("num_kv_heads,dtype", [(1, "float32"), (2, "float32"), (1, "bfloat16")])
+def test_gate_probabilities_match_numpy(tiny_cfg, num_kv_heads, dtype):
+  """Layer 0's keep probabilities (its input is the embeddings, so eviction upstream cannot
+  change them) against a loop-by-loop numpy gate: shared k/v heads, RoPE, causal window 5,
+  k and v rounded to the cache dtype."""
+  import ml_dtypes
+  cfg = dataclasses.replace(tiny_cfg, dtype=dtype)
+  gate_cfg = ag_jax.GateConfig(num_heads=4, num_kv_heads=num_kv_heads, head_dim=8, window=5)
+  model = ag_jax.Llama(cfg, gate=gate_cfg)
+  variables = spread_variables(model, seed=6)
+  gate = variables["params"]["layers"]["gate"]
+  gate["out"], gate["bias"] = gate["out"] * 100.0, jnp.zeros_like(gate["bias"])
+  gate["q"], gate["k"], gate["v"] = gate["q"] * 10.0, gate["k"] * 10.0, gate["v"] * 10.0
+  tokens = np.random.RandomState(2).randint(0, 64, size=(1, 11))
+  _, (probs, _) = model.apply(variables, jnp.asarray(tokens), return_gates=True)
+  p = variables["params"]
+  g = {k: np.asarray(v[0], np.float64) for k, v in p["layers"]["gate"].items()}
+  x = np.asarray(p["embed"], np.float64)[tokens[0]].astype(np.float32).astype(np.float64)
+  if dtype == "bfloat16":
+    x = np.asarray(p["embed"])[tokens[0]].astype(ml_dtypes.bfloat16).astype(np.float64)
+  scale = np.asarray(p["layers"]["attn_norm"]["scale"][0], np.float64)
+  h = scale * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.rms_eps)
+  if dtype == "bfloat16":
+    h = h.astype(ml_dtypes.bfloat16).astype(np.float64)
+  pos = np.arange(tokens.shape[1], dtype=np.float64)
+  rnd = lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float64) if dtype == "bfloat16" else a
+  q = numpy_reference._rope(np.einsum("te,end->tnd", h, g["q"]), pos, cfg.rope_theta)
+  k = rnd(numpy_reference._rope(np.einsum("te,end->tnd", h, g["k"]), pos, cfg.rope_theta))
+  v = rnd(np.einsum("te,end->tnd", h, g["v"]))
+  t, group = tokens.shape[1], 4 // num_kv_heads
+  attended = np.zeros((t, 4, 8))
+  for i in range(t):
+    for n in range(4):
+      seen = [j for j in range(t) if i - 5 < j <= i]
+      s = np.array([q[i, n] @ k[j, n // group] for j in seen]) / np.sqrt(8)
+      w = np.exp(s - s.max())
+      attended[i, n] = (w / w.sum()) @ v[seen, n // group]
+  logits = np.einsum("tnd,ndk->tk", attended, g["out"]) + g["bias"]
+  expected = 1 / (1 + np.exp(-logits))  # [T, K]
+  tol = 2e-2 if dtype == "bfloat16" else 1e-5
+  print(f"{dtype}: max |gate prob - numpy| = {np.abs(np.asarray(probs[0, 0]).T - expected).max():.2e}")
+  np.testing.assert_allclose(np.asarray(probs[0, 0]).T, expected, atol=tol)
+  assert np.abs(expected - expected.mean()).max() > 10 * tol  # the probabilities vary

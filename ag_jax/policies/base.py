@@ -48,6 +48,18 @@ class Policy:
     cached) or None -> store [B, K, T] bool, score f32."""
     raise NotImplementedError
 
+  @property
+  def chunkable(self) -> bool:
+    """Whether prefill may run in chunks with the same kept set as one-shot: a policy that
+    scores tokens by the whole prompt's attention (H2O, SnapKV, ...) must see it at once."""
+    return not self.needs_prefill_probs
+
+  def chunk_select(self, prob, flags, valid, positions, keys=None):
+    """prefill_select for one chunk of the prompt (arrays [B, K, C]): the chunk's tokens
+    compete with the kept ones by score, and top-`capacity` of a union is top-`capacity` of
+    (the kept top-`capacity`) and the chunk, so the kept set is the one-shot one."""
+    return self.prefill_select(prob, flags, valid, positions, None, keys=keys)
+
   def decode_admit(self, prob, flags, position, key=None):
     """prob, flags [B, K] (None without a gate); position [B, K]; key [B, K, H] (the new
     token's post-RoPE key) or None -> keep [B, K] bool, score."""

@@ -48,6 +48,11 @@ class StreamingLLM(Policy):
       store = valid & ((positions < self.sink) | recent)
     return store, self._score(positions)
 
+  def chunk_select(self, prob, flags, valid, positions, keys=None):
+    # The window's start depends on the prompt's end, unknown in a chunk; by score the
+    # sinks and then the latest tokens win, which is the same set.
+    return valid, self._score(positions)
+
   def decode_admit(self, prob, flags, position, key=None):
     return admit_all(position), self._score(position)
 
@@ -69,6 +74,9 @@ class Local(Policy):
 
   def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
     return StreamingLLM(0, self.window).prefill_select(prob, flags, valid, positions, probs)
+
+  def chunk_select(self, prob, flags, valid, positions, keys=None):
+    return StreamingLLM(0, self.window).chunk_select(prob, flags, valid, positions)
 
   def decode_admit(self, prob, flags, position, key=None):
     return admit_all(position), position.astype(jnp.float32)
