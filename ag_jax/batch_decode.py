@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
                   help="prefill long prompts in chunks of this many tokens, each compacted into "
                        "the cache before the next: memory O(capacity + chunk) instead of O(prompt). "
-                       "Exact for ag, full, streaming_llm, local, random, knorm; h2o, snapkv, tova "
-                       "and observed_attention score by the whole prompt's attention and refuse it")
+                       "ag gives the one-shot result exactly; full, streaming_llm, local, random and "
+                       "knorm do while nothing overflows (under a budget later chunks see only "
+                       "the kept tokens); h2o, snapkv, tova and observed_attention score by the "
+                       "whole prompt's attention and refuse it")
   gen = p.add_argument_group("generation")
   gen.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate per prompt (default 32; default world: 4)")
