@@ -17,11 +17,13 @@ from ag_jax.config import GateConfig
 
 def lm_loss(logits: jnp.ndarray, targets: jnp.ndarray,
             loss_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Mean next-token cross entropy over the tokens `loss_mask` selects.
+  """Mean next-token cross entropy over the tokens `loss_mask` selects, weighted by it.
 
-  logits [B, T, V]; targets [B, T] int; loss_mask [B, T] (1 = trained; SFT prompts and
-  padding are 0, set by the data). Returns (mean loss, token count), both fp32 scalars;
-  an all-masked batch gives loss 0 rather than 0/0.
+  logits [B, T, V]; targets [B, T] int; loss_mask [B, T] float weights (1 = trained; SFT
+  prompts and padding are 0; a response token may weigh more, `data.response_weight`; all
+  set by the data). Returns (weighted mean loss sum(w * nll) / sum(w), weight sum), both
+  fp32 scalars (the weight sum is the token count when weights are 0/1); an all-masked
+  batch gives loss 0 rather than 0/0.
   """
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
   target_log_probs = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32),

@@ -55,6 +55,7 @@ class DataSection:
   seq_len: int = 256
   batch_size: int = 8             # global rows per step, over all processes
   sft: bool = False               # prompt/response examples: only the response is trained
+  response_weight: float = 1.0    # LM loss weight of response tokens (the RULER answers); 1: plain LM
   seed: int = 0                   # document order
   shuffle: bool = True
   num_samples: int | None = None  # use only the first N documents of the split
@@ -123,6 +124,8 @@ def _checked_ints(cfg: TrainConfig) -> None:
       raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
   if cfg.data.seq_len < 2:
     raise ConfigError(f"data.seq_len must be >= 2 (one input and one target), got {cfg.data.seq_len}")
+  if not (isinstance(cfg.data.response_weight, (int, float)) and cfg.data.response_weight > 0):
+    raise ConfigError(f"data.response_weight must be positive, got {cfg.data.response_weight!r}")
   if cfg.data.num_samples is not None and cfg.data.num_samples < 1:
     raise ConfigError(f"data.num_samples must be positive or null, got {cfg.data.num_samples}")
 

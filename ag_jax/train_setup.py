@@ -131,7 +131,8 @@ def _iterator(cfg: TrainConfig, source, tokenizer, data_slice, shuffle: bool):
   index, count = data_slice
   return DataIterator(source, tokenizer, cfg.data.seq_len, cfg.data.batch_size, seed=cfg.data.seed,
                       shuffle=shuffle, process_index=index, process_count=count,
-                      sft=cfg.data.sft, text_field=cfg.data.text_field)
+                      sft=cfg.data.sft, text_field=cfg.data.text_field,
+                      response_weight=cfg.data.response_weight)
 
 
 def eval_batches(run: Run) -> Iterator[dict[str, np.ndarray]]:

@@ -81,7 +81,8 @@ class DataIterator:
   def __init__(self, source, tokenizer, seq_len: int, batch_size: int, seed: int = 0,
                shuffle: bool = True, process_index: int = 0, process_count: int = 1,
                sft: bool = False, num_epochs: int | None = None, text_field: str = "text",
-               prompt_field: str = "prompt", response_field: str = "response"):
+               prompt_field: str = "prompt", response_field: str = "response",
+               response_weight: float = 1.0):
     if len(source) == 0:
       raise ValueError("the data source is empty")
     if batch_size % process_count or not 0 <= process_index < process_count:
@@ -90,8 +91,10 @@ class DataIterator:
     self.source, self.tokenizer = source, tokenizer
     self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
     self.num_docs, self.num_epochs = len(source), num_epochs
+    if not response_weight > 0:
+      raise ValueError(f"response_weight must be positive, got {response_weight}")
     self.fields = dict(sft=sft, text_field=text_field, prompt_field=prompt_field,
-                       response_field=response_field)
+                       response_field=response_field, response_weight=float(response_weight))
     local = batch_size // process_count
     self.rows = list(range(process_index * local, (process_index + 1) * local))
     self.packers = {r: packing.RowPacker(seq_len, tokenizer.pad_id) for r in self.rows}
@@ -108,7 +111,7 @@ class DataIterator:
     return int(self._perms[epoch][i])
 
   def _tokenize(self, index: int):
-    return packing.tokenize_example(self.source[index], self.tokenizer, **self.fields)
+    return packing.tokenize_weighted(self.source[index], self.tokenizer, **self.fields)
 
   def _supplier(self, row: int):
     def supply():
@@ -118,9 +121,9 @@ class DataIterator:
           return None
         self.cursors[row] += 1
         index = self._doc_index(position)
-        tokens, num_prompt = self._tokenize(index)
+        tokens, num_prompt, weights = self._tokenize(index)
         if len(tokens) >= 2:
-          return index, tokens, num_prompt
+          return index, tokens, num_prompt, weights
       raise ValueError(f"{self.num_docs} documents in a row tokenized to < 2 tokens")
     return supply
 
@@ -153,7 +156,8 @@ class DataIterator:
     if state.get("format") != STATE_FORMAT:
       raise ValueError(f"unknown data iterator state format {state.get('format')!r}")
     for key, value in self._identity().items():
-      if state.get(key) != value:
+      # states written before response_weight existed were all unweighted
+      if state.get(key, 1.0 if key == "response_weight" else None) != value:
         raise ValueError(f"data iterator state has {key}={state.get(key)!r} but this "
                          f"iterator has {value!r}: the batches would differ")
     missing = [r for r in self.rows if str(r) not in state["rows"]]
@@ -165,14 +169,15 @@ class DataIterator:
       self.packers[r].pending = None
       if row["pending"] is not None:
         ref, offset = (int(x) for x in row["pending"])
-        tokens, num_prompt = self._tokenize(ref)
-        self.packers[r].pending = packing.Pending(ref, tokens, num_prompt, offset)
+        tokens, num_prompt, weights = self._tokenize(ref)
+        self.packers[r].pending = packing.Pending(ref, tokens, num_prompt, offset, weights)
     self.step = int(state["step"])
 
   def _identity(self) -> dict:
     return {"seed": self.seed, "shuffle": self.shuffle, "num_docs": self.num_docs,
             "batch_size": self.batch_size, "seq_len": self.seq_len,
-            "num_epochs": self.num_epochs, "sft": self.fields["sft"]}
+            "num_epochs": self.num_epochs, "sft": self.fields["sft"],
+            "response_weight": self.fields["response_weight"]}
 
 
 def merge_states(states: list[dict]) -> dict:

@@ -14,13 +14,20 @@ Per row (all [seq_len]):
   targets      int32   tokens[t + 1] when t + 1 is in the same segment, else pad_id
   positions    int32   0, 1, 2, ... restarting at each segment
   segment_ids  int32   1, 2, ... per segment, 0 on padding
-  loss_mask    float32 1 where targets[t] is trained: never on padding or on a segment's
-                       last token; for SFT examples only where the target is a response
-                       token (so the last prompt token, which predicts the first response
-                       token, is trained, and no prompt token is ever a target)
+  loss_mask    float32 the weight of targets[t]: 0 on padding and on a segment's last
+                       token; for SFT examples 0 unless the target is a response token (so
+                       the last prompt token, which predicts the first response token, is
+                       trained, and no prompt token is ever a target); 1 elsewhere, except
+                       that a response token as target weighs `response_weight` when a
+                       document carries weights (`tokenize_weighted`)
 
 LM documents are `[bos] + text + [eos]`; SFT examples are `[bos] + prompt` followed by
-`response + [eos]`, tokenized separately.
+`response + [eos]`, tokenized separately. With a response weight W != 1
+(`data.response_weight`), an LM document that has a non-empty response is tokenized the SFT
+way too (prompt and response apart, all of it trained), and its response tokens (EOS
+included) weigh W as targets: in the RULER mix the answers are ~2% of the tokens, and this
+concentrates the loss on the lookup without dropping the language modelling. `lm_loss`
+divides by the weight sum, so W = 1 is exactly the unweighted mean.
 """
 
 from __future__ import annotations
@@ -58,15 +65,36 @@ def tokenize_example(example: dict, tokenizer, *, sft: bool = False, text_field:
   return np.asarray(ids, np.int32), 0
 
 
-def build_row(pieces: Sequence[tuple[np.ndarray, int]], seq_len: int,
-              pad_id: int) -> dict[str, np.ndarray]:
-  """One packed row from (tokens, num_prompt) pieces whose lengths sum to <= seq_len."""
+def tokenize_weighted(example: dict, tokenizer, *, sft: bool = False,
+                      response_weight: float = 1.0, text_field: str = "text",
+                      prompt_field: str = "prompt", response_field: str = "response"
+                      ) -> tuple[np.ndarray, int, np.ndarray | None]:
+  """(token ids int32 [n], num_prompt, weights float32 [n] or None): weights[i] is token i's
+  weight as a target (None: all 1, `tokenize_example` exactly). With response_weight != 1,
+  the response tokens (and the EOS after them) weigh response_weight; documents without a
+  response (plain LM text) stay unweighted."""
+  fields = dict(text_field=text_field, prompt_field=prompt_field, response_field=response_field)
+  if response_weight == 1.0:
+    return (*tokenize_example(example, tokenizer, sft=sft, **fields), None)
+  if not sft and not (prompt_field in example and _as_str(example.get(response_field, ""))):
+    return (*tokenize_example(example, tokenizer, sft=False, **fields), None)
+  # Prompt and response apart (the SFT tokenization), so the response's first token is known.
+  ids, num_response_start = tokenize_example(example, tokenizer, sft=True, **fields)
+  weights = np.ones(len(ids), np.float32)
+  weights[num_response_start:] = response_weight
+  return ids, (num_response_start if sft else 0), weights
+
+
+def build_row(pieces: Sequence[tuple], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """One packed row from (tokens, num_prompt) or (tokens, num_prompt, weights) pieces whose
+  lengths sum to <= seq_len; weights [n] (None: all 1) are each token's weight as a target."""
   row = {k: np.zeros(seq_len, np.int32) for k in ROW_KEYS[:-1]}
   row["tokens"][:] = pad_id
   row["targets"][:] = pad_id
   row["loss_mask"] = np.zeros(seq_len, np.float32)
   start = 0
-  for segment, (tokens, num_prompt) in enumerate(pieces, start=1):
+  for segment, (tokens, num_prompt, *rest) in enumerate(pieces, start=1):
+    weights = rest[0] if rest else None
     n, end = len(tokens), start + len(tokens)
     if end > seq_len:
       raise ValueError(f"pieces of {end} tokens do not fit in a row of {seq_len}")
@@ -76,6 +104,8 @@ def build_row(pieces: Sequence[tuple[np.ndarray, int]], seq_len: int,
     row["segment_ids"][start:end] = segment
     # Target of position t is token t + 1: trained iff that token is past the prompt.
     row["loss_mask"][start:end - 1] = np.arange(1, n) >= num_prompt
+    if weights is not None:
+      row["loss_mask"][start:end - 1] *= weights[1:]
     start = end
   return row
 
@@ -93,10 +123,12 @@ class Pending:
   tokens: np.ndarray
   num_prompt: int
   offset: int = 0
+  weights: np.ndarray | None = None  # [len(tokens)] target weights; None: all 1
 
 
-# A supplier returns the next document as (ref, tokens, num_prompt), or None when done.
-Supplier = Callable[[], "tuple[int, np.ndarray, int] | None"]
+# A supplier returns the next document as (ref, tokens, num_prompt) or (ref, tokens,
+# num_prompt, weights), or None when done.
+Supplier = Callable[[], "tuple | None"]
 
 
 class RowPacker:
@@ -108,10 +140,11 @@ class RowPacker:
     self.seq_len, self.pad_id = seq_len, pad_id
     self.pending: Pending | None = None
 
-  def _next_chunk(self) -> tuple[np.ndarray, int]:
+  def _next_chunk(self) -> tuple[np.ndarray, int, np.ndarray | None]:
     p = self.pending
-    chunk = p.tokens[p.offset:p.offset + self.seq_len]
-    return chunk, max(0, p.num_prompt - p.offset)
+    cut = slice(p.offset, p.offset + self.seq_len)
+    weights = None if p.weights is None else p.weights[cut]
+    return p.tokens[cut], max(0, p.num_prompt - p.offset), weights
 
   def _advance(self) -> None:
     p = self.pending
@@ -128,26 +161,29 @@ class RowPacker:
         doc = supply()
         if doc is None:
           break
-        self.pending = Pending(*doc)
-      chunk, num_prompt = self._next_chunk()
+        ref, tokens, num_prompt, *weights = doc
+        self.pending = Pending(ref, tokens, num_prompt, weights=weights[0] if weights else None)
+      chunk, num_prompt, weights = self._next_chunk()
       if used + len(chunk) > self.seq_len:
         break  # starts the next row
-      pieces.append((chunk, num_prompt))
+      pieces.append((chunk, num_prompt, weights))
       used += len(chunk)
       self._advance()
     return build_row(pieces, self.seq_len, self.pad_id) if pieces else None
 
 
 def pack_documents(examples: Iterable[dict], tokenizer, seq_len: int, *,
-                   sft: bool = False, **fields) -> Iterator[dict[str, np.ndarray]]:
+                   sft: bool = False, response_weight: float = 1.0,
+                   **fields) -> Iterator[dict[str, np.ndarray]]:
   """Packed rows of a stream of examples, in order (no shuffling, one pass)."""
   stream = iter(enumerate(examples))
 
   def supply():
     for i, example in stream:
-      tokens, num_prompt = tokenize_example(example, tokenizer, sft=sft, **fields)
+      tokens, num_prompt, weights = tokenize_weighted(
+          example, tokenizer, sft=sft, response_weight=response_weight, **fields)
       if len(tokens) >= 2:  # a lone token has nothing to predict
-        return i, tokens, num_prompt
+        return i, tokens, num_prompt, weights
     return None
 
   packer = RowPacker(seq_len, tokenizer.pad_id)
