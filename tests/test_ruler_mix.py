@@ -74,3 +74,18 @@ def test_longest_documents_fit_one_row(recipe, tok, task):
     ex = ruler.generate_example(config, tok, "train", i)
     ids = tok.encode(ex["text"], add_bos=True, add_eos=True)
     assert ex["length"] <= mix.max_length < len(ids) <= recipe.data.seq_len
+
+
+def test_task_warmup_draws_only_warmup_tasks_first(tok):
+  spec = ("ruler:tasks=niah_multikey+vt,warmup_tasks=niah_multikey,task_warmup=20,"
+          "min_length=96,max_length=128")
+  mix, _, _ = ruler.parse_spec(spec)
+  assert mix.warmup_tasks == ("niah_multikey",) and mix.task_warmup == 20
+  assert {mix.example(tok, "train", i)["task"] for i in range(20)} == {"niah_multikey"}
+  # past the warm-up the examples are exactly those of the mix without one
+  plain = ruler.RulerMix(tasks=mix.tasks, min_length=96, max_length=128)
+  for i in range(20, 30):
+    assert mix.example(tok, "train", i)["text"] == plain.example(tok, "train", i)["text"]
+  assert "vt" in {mix.example(tok, "train", i)["task"] for i in range(20, 40)}
+  with pytest.raises(ValueError, match="warmup_tasks"):
+    ruler.RulerMix(task_warmup=5)

@@ -373,21 +373,28 @@ class RulerMix:
   the length, text only), else a task uniformly from `tasks`; a length uniformly from
   [min_length, max_length] whose upper end ramps up over the first `length_ramp` examples;
   a needle count uniformly from [min_needles, max_needles] (None: the task's default).
+  Examples before `task_warmup` draw their task from `warmup_tasks` instead (a curriculum:
+  the simplest lookup first, so the copy mechanism forms before the harder tasks share the
+  gradient; like the ramp it runs over indices, so it needs an unshuffled iterator).
   """
 
   tasks: tuple[str, ...] = RETRIEVAL_TASKS
   min_length: int = 128
   max_length: int = 1024
   length_ramp: int = 0
+  warmup_tasks: tuple[str, ...] = ()
+  task_warmup: int = 0
   lm_fraction: float = 0.0
   min_needles: int | None = None
   max_needles: int | None = None
   base: RulerConfig = RulerConfig()
 
   def __post_init__(self):
-    for t in self.tasks:
+    for t in self.tasks + self.warmup_tasks:
       if t not in TASKS:
         raise ValueError(f"unknown task {t!r}: expected some of {TASKS}")
+    if self.task_warmup and not self.warmup_tasks:
+      raise ValueError("task_warmup needs warmup_tasks")
     if not 16 <= self.min_length <= self.max_length:
       raise ValueError(f"need 16 <= min_length ({self.min_length}) <= max_length "
                        f"({self.max_length})")
@@ -406,7 +413,8 @@ class RulerMix:
       start = hay.start(rng)
       text, _ = _fit(tokenizer, lambda h: "".join(hay.lines(start, h)), length, length // 8)
       return {"task": "lm", "text": text, "prompt": text, "response": "", "answers": []}
-    task = rng.choice(self.tasks)
+    # one draw either way: the examples after the warm-up are those of a mix without it
+    task = rng.choice(self.warmup_tasks if index < self.task_warmup else self.tasks)
     needles = None
     if self.min_needles is not None and task.startswith("niah"):
       needles = rng.randint(self.min_needles, self.max_needles or self.min_needles)
@@ -480,8 +488,8 @@ def parse_spec(spec: str) -> tuple[RulerMix, str, int | None]:
       tokenizer = value
     elif key == "size":
       size = int(value)
-    elif key == "tasks":
-      mix["tasks"] = tuple(t for t in value.split("+") if t)
+    elif key in ("tasks", "warmup_tasks"):
+      mix[key] = tuple(t for t in value.split("+") if t)
     elif key in _MIX_FIELDS and key != "base":
       mix[key] = _typed(key, value, _MIX_FIELDS[key].type)
     elif key in _CONFIG_FIELDS and key not in ("task", "length"):
