@@ -30,6 +30,14 @@ Examples:
       --prompt "The capital of France is" --budget 0.5 --max-new-tokens 32
   python decode.py --model tiny --prompt "hello" --policy streaming_llm \\
       --policy-arg sink=4 --capacity 64
+  python decode.py --model /models/Llama-3.2-1B --gates runs/gates --budget 0.25 \\
+      --prompts-file prompts.jsonl --output results.jsonl --memory-gb 8
+
+--prompt runs static batches of --batch-size prompts. --prompts-file runs continuous
+batching: a fixed number of slots (--slots, or as many as fit in --memory-gb), each
+refilled with the next prompt as soon as its sequence ends, every result appended to
+--output as it ends (a rerun resumes after them). Under --budget every slot has the same
+capacity: budget x (longest prompt + max new tokens).
 """
 
 
@@ -85,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
   out.add_argument("--json", metavar="PATH", help="also write every generation and the KV "
                    "statistics as JSON ('-' for stdout)")
   out.add_argument("--quiet", action="store_true", help="print only the summary")
+  from ag_jax import stream_decode
+  stream_decode.add_arguments(p)
   return p
 
 
@@ -92,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 class Prompt:
   text: str
   answer: str | None = None
+  id: object = None                  # a prompts file's "id" (jsonl) or line number
+  max_new_tokens: int | None = None  # a jsonl line's own limit (continuous batching)
 
 
 def _config_error(message: str):
@@ -115,10 +127,15 @@ def check_args(args) -> None:
     raise _config_error(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
   if not 0.0 < args.top_p <= 1.0:
     raise _config_error(f"--top-p must be in (0, 1], got {args.top_p}")
+  if args.prompt and args.prompts_file:
+    raise _config_error("give --prompt (static batches) or --prompts-file (continuous "
+                        "batching), not both")
   if args.policy_arg and args.policy is None:
     raise _config_error("--policy-arg needs --policy (e.g. --policy streaming_llm --policy-arg sink=4)")
   if args.json and args.json != "-":
     check_writable(args.json, "--json")
+  from ag_jax import stream_decode
+  stream_decode.check_args(args)
 
 
 def check_writable(path: str, flag: str) -> None:
@@ -141,7 +158,7 @@ def check_writable(path: str, flag: str) -> None:
 
 
 def read_prompts(args) -> list[Prompt]:
-  prompts = [Prompt(t) for t in args.prompt]
+  prompts = [Prompt(t, id=i) for i, t in enumerate(args.prompt)]
   if args.prompts_file:
     path = args.prompts_file
     if not os.path.isfile(path):
@@ -162,11 +179,24 @@ def read_prompts(args) -> list[Prompt]:
                               'line must be an object like {"prompt": "...", "answer": "..."}') from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
           raise _config_error(f"{path}:{n}: each line must be a JSON object with a string "
-                              "'prompt' field (and optionally 'answer')")
-        answer = row.get("answer")
-        prompts.append(Prompt(row["prompt"], None if answer is None else str(answer)))
+                              "'prompt' field (and optionally 'answer', 'id', 'max_new_tokens')")
+        answer, limit, ident = row.get("answer"), row.get("max_new_tokens"), row.get("id", n)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+          raise _config_error(f"{path}:{n}: max_new_tokens must be a positive integer, got "
+                              f"{limit!r}")
+        if isinstance(ident, bool) or not isinstance(ident, (int, str)):
+          raise _config_error(f"{path}:{n}: id must be a string or an integer, got {ident!r}")
+        prompts.append(Prompt(row["prompt"], None if answer is None else str(answer), ident,
+                              limit))
     else:
-      prompts += [Prompt(line) for line in lines if line.strip()]
+      prompts += [Prompt(line, id=n) for n, line in enumerate(lines, 1) if line.strip()]
+  seen = set()
+  for p in prompts:
+    if p.id in seen:
+      raise _config_error(f"{args.prompts_file}: prompt id {p.id!r} appears twice; every "
+                          "prompt needs its own id (a jsonl 'id' field, or the line number)")
+    seen.add(p.id)
   return prompts
 
 
@@ -294,6 +324,8 @@ def run(args) -> dict:
 
   check_args(args)
   prompts = read_prompts(args)
+  if args.prompts_file and not prompts:
+    raise _config_error(f"prompts file {args.prompts_file!r} holds no prompts")
   if args.model is not None and not prompts:
     raise _config_error("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
   if args.policy is not None:
@@ -310,6 +342,10 @@ def run(args) -> dict:
     budget = default_world.default_budget()
   policy = make_policy(args, model)
   sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+  if args.prompts_file:
+    from ag_jax import stream_decode
+    return stream_decode.run_file(args, model, variables, tokenizer, prompts, policy, sampling,
+                                  max_new, budget)
   rows, stats = [], []
   batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
   for batch in tqdm(batches, desc="generating", unit="batch", disable=len(batches) < 2 or args.quiet,
@@ -390,8 +426,10 @@ def main(argv=None) -> int:
 
   def go() -> int:
     report = run(args)
-    print_report(report, quiet=args.quiet or args.json == "-",
-                 out=sys.stderr if args.json == "-" else sys.stdout)
+    from ag_jax import stream_decode
+    printer = stream_decode.print_report if args.prompts_file else print_report
+    printer(report, quiet=args.quiet or args.json == "-",
+            out=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
       write_json(report, args.json)
     return 0
