@@ -89,3 +89,29 @@ def test_task_warmup_draws_only_warmup_tasks_first(tok):
   assert "vt" in {mix.example(tok, "train", i)["task"] for i in range(20, 40)}
   with pytest.raises(ValueError, match="warmup_tasks"):
     ruler.RulerMix(task_warmup=5)
+
+
+def test_needle_repeats_copy_each_needle_line(tok):
+  base = ruler.RulerConfig(task="niah_multikey", length=256, num_needles=3)
+  plain = ruler.generate_example(base, tok, "train", 5)
+  ex = ruler.generate_example(ruler.dataclasses.replace(base, needle_repeats=2), tok, "train", 5)
+  assert ex["answers"] == plain["answers"] and ex["question"] == plain["question"]
+  for key, value in zip(ex["needle_keys"], ex["needle_values"]):
+    assert ex["context"].count(ruler._niah_line(key, value)) == 3
+  assert ex["length"] <= 256
+
+
+def test_warmup_repeats_only_in_the_warmup_and_always_fit(tok):
+  mix = ruler.RulerMix(tasks=("niah_multikey", "niah_multiquery", "vt"), min_length=112,
+                       max_length=256, min_needles=2, max_needles=5,
+                       warmup_tasks=("niah_multikey", "niah_multiquery"), task_warmup=30,
+                       warmup_repeats=3)
+  repeated = 0
+  for i in range(40):
+    ex = mix.example(tok, "train", i)  # never "the needles alone exceed": copies shrink
+    lines = [ruler._niah_line(k, v) for k, v in zip(ex.get("needle_keys", []),
+                                                   ex.get("needle_values", []))]
+    copies = max((ex["context"].count(line) for line in lines), default=0)  # vt: 0
+    assert copies <= 1 or i < 30
+    repeated += copies > 1
+  assert repeated > 5

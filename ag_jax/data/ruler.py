@@ -91,6 +91,7 @@ class RulerConfig:
   depth: float | None = None      # depth in [0, 1] of the asked needle; None: uniform
   key_len: int = 1                # words per key / variable name
   value_len: int = 1              # numbers per value
+  needle_repeats: int = 0         # multikey/multiquery: extra copies of each needle line
   seed: int = 0
 
   def __post_init__(self):
@@ -109,6 +110,8 @@ class RulerConfig:
                        f"({self.needles})")
     if self.length < 16:
       raise ValueError(f"length must be >= 16 tokens, got {self.length}")
+    if self.needle_repeats < 0:
+      raise ValueError(f"needle_repeats must be >= 0, got {self.needle_repeats}")
 
   @property
   def needles(self) -> int:
@@ -265,7 +268,14 @@ def generate_example(config: RulerConfig, tokenizer, split: str, index: int, *,
                 f"# Answer: the magic numbers for{keys[0]} are")
   if config.depth is not None:
     depths[asked[0]] = config.depth
-  context, _ = _fit(tokenizer, lambda h: _with_needles(hay.lines(start, h), lines, depths),
+  placed, at = lines, depths
+  if config.needle_repeats and config.task != "niah_multivalue":
+    # A training aid: a needle seen again later is an LM target that only an induction copy
+    # predicts ("for KEY is" -> the value seen before), many such targets per context where
+    # the question gives one. Drawn last, so the rest of the example does not change.
+    extra = [rng.random() for _ in range(config.needle_repeats * n)]
+    placed, at = lines * (1 + config.needle_repeats), depths + extra
+  context, _ = _fit(tokenizer, lambda h: _with_needles(hay.lines(start, h), placed, at),
                     config.length, guess=config.length // 8)
   return _finish(config, tokenizer, context, question, answers,
                  needle_keys=keys if config.task != "niah_multivalue" else keys * n,
@@ -384,6 +394,7 @@ class RulerMix:
   length_ramp: int = 0
   warmup_tasks: tuple[str, ...] = ()
   task_warmup: int = 0
+  warmup_repeats: int = 0         # needle_repeats of the examples before task_warmup
   lm_fraction: float = 0.0
   min_needles: int | None = None
   max_needles: int | None = None
@@ -421,6 +432,11 @@ class RulerMix:
       if task == "niah_multiquery":
         needles = max(needles, self.base.num_queries)
     config = dataclasses.replace(self.base, task=task, length=length, num_needles=needles)
+    if index < self.task_warmup and self.warmup_repeats and needles:
+      # as many copies as fit with room for the question (64 tokens) and some haystack
+      per_line = _count(tokenizer, _niah_line(" " + KEY_WORDS[0], " " + VALUE_NUMBERS[0]))
+      fit = (length - 64) // (per_line * needles) - 1
+      config = dataclasses.replace(config, needle_repeats=max(0, min(self.warmup_repeats, fit)))
     return generate_example(config, tokenizer, split, rng.randrange(1 << 62), root=root,
                             limit=limit)
 
