@@ -115,3 +115,12 @@ def test_warmup_repeats_only_in_the_warmup_and_always_fit(tok):
     assert copies <= 1 or i < 30
     repeated += copies > 1
   assert repeated > 5
+
+
+def test_warmup_haystack_only_in_the_warmup(tok):
+  mix, _, _ = ruler.parse_spec("ruler:tasks=niah_multikey+vt,warmup_tasks=niah_multikey,"
+                               "task_warmup=5,warmup_haystack=noise,min_length=128,max_length=160")
+  assert all(ruler.NOISE in mix.example(tok, "train", i)["context"] for i in range(5))
+  assert not any(ruler.NOISE in mix.example(tok, "train", i)["context"] for i in range(5, 10))
+  with pytest.raises(ValueError, match="warmup_haystack"):
+    ruler.RulerMix(warmup_haystack="nope")

@@ -395,6 +395,7 @@ class RulerMix:
   warmup_tasks: tuple[str, ...] = ()
   task_warmup: int = 0
   warmup_repeats: int = 0         # needle_repeats of the examples before task_warmup
+  warmup_haystack: str | None = None  # haystack of the examples before task_warmup; None: base's
   lm_fraction: float = 0.0
   min_needles: int | None = None
   max_needles: int | None = None
@@ -406,6 +407,8 @@ class RulerMix:
         raise ValueError(f"unknown task {t!r}: expected some of {TASKS}")
     if self.task_warmup and not self.warmup_tasks:
       raise ValueError("task_warmup needs warmup_tasks")
+    if self.warmup_haystack is not None and self.warmup_haystack not in HAYSTACKS:
+      raise ValueError(f"warmup_haystack={self.warmup_haystack!r}: expected one of {HAYSTACKS}")
     if not 16 <= self.min_length <= self.max_length:
       raise ValueError(f"need 16 <= min_length ({self.min_length}) <= max_length "
                        f"({self.max_length})")
@@ -432,6 +435,11 @@ class RulerMix:
       if task == "niah_multiquery":
         needles = max(needles, self.base.num_queries)
     config = dataclasses.replace(self.base, task=task, length=length, num_needles=needles)
+    if index < self.task_warmup and self.warmup_haystack is not None:
+      # a memorisable filler (noise) costs almost no loss once learned, so the LM loss of a
+      # warm-up context sits on its needles (the embedded world's recall corpus learned its
+      # lookup with such distractors, not with random ones)
+      config = dataclasses.replace(config, haystack=self.warmup_haystack)
     if index < self.task_warmup and self.warmup_repeats and needles:
       # as many copies as fit with room for the question (64 tokens) and some haystack
       per_line = _count(tokenizer, _niah_line(" " + KEY_WORDS[0], " " + VALUE_NUMBERS[0]))
