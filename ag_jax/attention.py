@@ -1,4 +1,6 @@
-"""GQA self-attention: projections, and the training-view attention with key keep flags.
+"""GQA self-attention: projections, and its three views: the training view with key keep
+flags (`attend`, also one-shot prefill), a prefill chunk over the kept tokens plus itself
+(`attend_chunk`), and a decode step over a row's cache slots (`attend_cached`).
 
 Letters in einsum strings: B batch, T query time, S key time, K kv heads, G query heads per
 KV head, H head dim, E embed. K/V are never repeated per query head: queries are grouped
@@ -32,6 +34,41 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, positions: jnp.ndarra
   """
   return pallas_kernels.gated_attention(q, k, v, positions, positions, segments, segments, keep,
                                         backend=backend)
+
+
+def attend_chunk(q, k, v, positions, segments, chunk_keep, cached_k, cached_v, held,
+                 backend: str | None = None):
+  """Prefill-chunk view: a chunk of queries attends to the row's kept tokens plus itself.
+
+  q [B, C, K, G, H]; k, v [B, C, K, H] (the chunk's); positions, segments [B, C];
+  chunk_keep [B, K, C] bool (a dropped chunk token is seen by itself only); cached_k,
+  cached_v [B, K, S, H] (this layer's cache slots) with held [B, K, S] (slots in use).
+  -> out [B, C, K, G, H], and the candidates k, v [B, K, S + C, H] (kept slots, then the
+  chunk) that the caller compacts. Equal to `attend` over the whole prompt while the kept
+  tokens are exactly the training view's visible keys.
+  """
+  b, slots = held.shape[0], held.shape[2]
+  cand_k = jnp.concatenate([cached_k, k.transpose(0, 2, 1, 3)], axis=2)  # [B, K, S + C, H]
+  cand_v = jnp.concatenate([cached_v, v.transpose(0, 2, 1, 3)], axis=2)
+  # Kept tokens all precede the chunk: position -1 passes the causal test, segment 1 is
+  # every real query's; `held` masks the free slots.
+  key_positions = jnp.concatenate([jnp.full((b, slots), -1, jnp.int32), positions], axis=1)
+  key_segments = jnp.concatenate([jnp.ones((b, slots), jnp.int32), segments], axis=1)
+  keep = jnp.concatenate([held, chunk_keep], axis=-1).astype(jnp.float32)  # [B, K, S + C]
+  out = pallas_kernels.gated_attention(
+      q, cand_k.transpose(0, 2, 1, 3), cand_v.transpose(0, 2, 1, 3), positions, key_positions,
+      segments, key_segments, keep, backend=backend)
+  return out, cand_k, cand_v
+
+
+def attend_cached(q, k_all, v_all, lengths, layer, return_mass: bool = False,
+                  backend: str | None = None):
+  """Decode view: q [B, K, G, H], one query per row, over slots [0, lengths) [B, K] of
+  `layer` in the stacked cache k_all, v_all [L, B, K, S, H] (read in place: slicing the
+  layer out here would copy its K/V every step). -> out [B, K, G, H] (and each slot's
+  attention mass [B, K, S] with return_mass)."""
+  return pallas_kernels.decode_attention(q, k_all, v_all, lengths, return_mass=return_mass,
+                                         backend=backend, layer=layer)
 
 
 def attention_probs(q: jnp.ndarray, k: jnp.ndarray, positions: jnp.ndarray,

@@ -9,12 +9,11 @@ while nothing overflows the capacity.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 import pallas_kernels
 from ag_jax import cache as cache_lib
-from ag_jax.attention import attend, attention_probs
+from ag_jax.attention import attend, attend_cached, attend_chunk, attention_probs
 
 
 def layer_step(layer, carry, ctx, layer_index):
@@ -40,12 +39,12 @@ def _prefill(layer, x, ctx):
     flags = prob > layer.gate.threshold
   attend_flags = policy.prefill_attend(prob, flags, valid)  # [B, K, T] bool or None
   attention_flags = None if attend_flags is None else attend_flags.astype(jnp.float32)
-  q, k, v = layer.attn.project(h, ctx.positions, layer.inv_freq)  # k, v [B, T, K, H]
+  q, k, v = layer.project(h, ctx.positions)  # k, v [B, T, K, H]
   out = attend(q, k, v, ctx.positions, ctx.segments, attention_flags, ctx.backend)
   probs = None
   if policy.needs_prefill_probs:  # [B, K, G, T, T]: one-shot, as kvpress's eager attention
     probs = attention_probs(q, k, ctx.positions, ctx.segments, attention_flags)
-  x = layer.mlp_block(x + layer.attn.output(out).astype(x.dtype))
+  x = layer.finish(x, out)
 
   extra = {"keys": k.transpose(0, 2, 1, 3)} if policy.needs_prefill_keys else {}
   store, score = policy.prefill_select(prob, flags, valid, positions, probs, **extra)
@@ -86,24 +85,16 @@ def _prefill_chunk(layer, carry, ctx, l):
     prob, kv = _chunk_gate(layer, h, ctx, kv, l)                      # [B, K, C]
     flags = prob > layer.gate.threshold
   attend_flags = policy.prefill_attend(prob, flags, valid)            # [B, K, C] or None
-  q, k, v = layer.attn.project(h, ctx.positions, layer.inv_freq)      # k, v [B, C, K, H]
+  q, k, v = layer.project(h, ctx.positions)                           # k, v [B, C, K, H]
 
   slots = kv.k.shape[3]
   held = jnp.arange(slots)[None, None, :] < kv.length[l][..., None]   # [B, K, S]
   chunk_keep = jnp.ones(shape, bool) if attend_flags is None else attend_flags
-  # The candidates: kept tokens, then the chunk. Layer l's K/V are read once, here, so the
-  # in-place write of the compacted rows below cannot force a copy of the whole cache.
-  cand_k = jnp.concatenate([kv.k[l], k.transpose(0, 2, 1, 3)], axis=2)  # [B, K, S + C, H]
-  cand_v = jnp.concatenate([kv.v[l], v.transpose(0, 2, 1, 3)], axis=2)
-  keys, values = cand_k.transpose(0, 2, 1, 3), cand_v.transpose(0, 2, 1, 3)  # [B, S + C, K, H]
-  # Kept tokens all precede the chunk: position -1 passes the causal test, segment 1 is
-  # every real query's; `held` masks the free slots.
-  key_positions = jnp.concatenate([jnp.full((b, slots), -1, jnp.int32), ctx.positions], axis=1)
-  key_segments = jnp.concatenate([jnp.ones((b, slots), jnp.int32), ctx.segments], axis=1)
-  keep = jnp.concatenate([held, chunk_keep], axis=-1).astype(jnp.float32)  # [B, K, S + C]
-  out = pallas_kernels.gated_attention(q, keys, values, ctx.positions, key_positions,
-                                       ctx.segments, key_segments, keep, backend=ctx.backend)
-  x = layer.mlp_block(x + layer.attn.output(out).astype(x.dtype))
+  # Layer l's K/V are read once, here, so the in-place write of the compacted rows below
+  # cannot force a copy of the whole cache.
+  out, cand_k, cand_v = attend_chunk(q, k, v, ctx.positions, ctx.segments, chunk_keep,
+                                     kv.k[l], kv.v[l], held, ctx.backend)
+  x = layer.finish(x, out)
 
   extra = {"keys": k.transpose(0, 2, 1, 3)} if policy.needs_prefill_keys else {}
   store, score = policy.chunk_select(prob, flags, valid, positions, **extra)
@@ -119,21 +110,19 @@ def _prefill_chunk(layer, carry, ctx, l):
 
 def _chunk_gate(layer, h, ctx, kv, l):
   """Keep probabilities [B, K, C] of a prompt chunk; the gate ring with the chunk written."""
-  gate = layer.evict_gate
   if layer.gate.kind == "linear":
-    return jax.nn.sigmoid(gate.linear_logits(h)).transpose(0, 2, 1), kv
+    return layer.gate_chunk(h, ctx)[0], kv
   start = ctx.positions[0, 0]
   lengths = start + jnp.sum(ctx.valid, axis=1)  # [B]: rows that ended earlier write nothing
   ring_positions = jnp.broadcast_to(cache_lib.ring_positions(kv.gate_k.shape[3], start),
                                     (h.shape[0], kv.gate_k.shape[3]))  # [B, W]
   ring_segments = jnp.where((ring_positions >= 0) & (ring_positions < lengths[:, None]), 1, -1)
-  logits, (gk, gv) = gate.chunk(h, ctx.positions, ctx.segments, layer.gate_inv_freq,
-                                kv.gate_k[l], kv.gate_v[l], ring_positions, ring_segments,
-                                ctx.backend)
+  prob, (gk, gv) = layer.gate_chunk(h, ctx, kv.gate_k[l], kv.gate_v[l], ring_positions,
+                                    ring_segments)
   kv = kv.replace(
       gate_k=kv.gate_k.at[l].set(cache_lib.ring_update(kv.gate_k[l], gk, start, lengths)),
       gate_v=kv.gate_v.at[l].set(cache_lib.ring_update(kv.gate_v[l], gv, start, lengths)))
-  return jax.nn.sigmoid(logits).transpose(0, 2, 1), kv
+  return prob, kv
 
 
 def _decode_gate(layer, h, position, cache, l, active):
@@ -141,16 +130,15 @@ def _decode_gate(layer, h, position, cache, l, active):
 
   Rows not `active` [B] leave their ring untouched.
   """
-  gate = layer.evict_gate
   if layer.gate.kind == "linear":
-    return jax.nn.sigmoid(gate.linear_logits(h)[:, 0]), cache
-  gq, gk, gv = gate.project(h, position[:, None], layer.gate_inv_freq)  # [B, 1, N|M, D]
+    return layer.gate_token_prob(h), cache
+  gq, gk, gv = layer.gate_token_kv(h, position)  # gq [B, N, D]; gk, gv [B, M, D]
   slots = cache.gate_k.shape[3]
-  ring_slot = jnp.broadcast_to((position % slots)[:, None], gk.shape[:1] + gk.shape[2:3])  # [B, M]
-  gate_k = cache_lib.write_rows(cache.gate_k, l, ring_slot, gk[:, 0], active)
-  gate_v = cache_lib.write_rows(cache.gate_v, l, ring_slot, gv[:, 0], active)
-  logits = gate.decode_logits(gq[:, 0], gate_k[l], gate_v[l], position)
-  return jax.nn.sigmoid(logits), cache.replace(gate_k=gate_k, gate_v=gate_v)
+  ring_slot = jnp.broadcast_to((position % slots)[:, None], gk.shape[:2])  # [B, M]
+  gate_k = cache_lib.write_rows(cache.gate_k, l, ring_slot, gk, active)
+  gate_v = cache_lib.write_rows(cache.gate_v, l, ring_slot, gv, active)
+  prob = layer.gate_token_prob(h, gq, gate_k[l], gate_v[l], position)
+  return prob, cache.replace(gate_k=gate_k, gate_v=gate_v)
 
 
 def _decode(layer, carry, ctx, l):
@@ -164,7 +152,7 @@ def _decode(layer, carry, ctx, l):
   if policy.uses_gate:
     prob, kv = _decode_gate(layer, h, position, kv, l, active)
     flags = prob > layer.gate.threshold
-  q, k, v = layer.attn.project(h, position[:, None], layer.inv_freq)  # k, v [B, 1, K, H]
+  q, k, v = layer.project(h, position[:, None])                       # k, v [B, 1, K, H]
   extra = {"key": k[:, 0]} if policy.needs_prefill_keys else {}       # Knorm scores the key
   keep, new_score = policy.decode_admit(prob, flags, position_bk, **extra)  # [B, K]
   keep = keep & active[:, None]  # finished sequences keep nothing and write nothing
@@ -178,11 +166,9 @@ def _decode(layer, carry, ctx, l):
   score_all = cache_lib.write_rows(kv.score, l, length, new_score, active)
   position_all = cache_lib.write_rows(kv.position, l, length, position_bk, active)
   score, slot_position = score_all[l], position_all[l]                # [B, K, S]
-  # The stacked buffers go in whole and the kernel reads layer l in place: slicing
-  # k_all[l] here would copy the layer's K/V (a read and a write of it) every step.
-  attended = pallas_kernels.decode_attention(
-      q[:, 0], k_all, v_all, length + 1, return_mass=policy.needs_decode_mass,
-      backend=kv.backend, layer=l)
+  # The stacked buffers go in whole and layer l is read in place.
+  attended = attend_cached(q[:, 0], k_all, v_all, length + 1, l,
+                           return_mass=policy.needs_decode_mass, backend=kv.backend)
   out, mass = attended if policy.needs_decode_mass else (attended, None)  # out [B, K, G, H]
   updated = policy.decode_update(score, slot_position, mass, position_bk)
   score = jnp.where(active[:, None, None], updated, score)  # a finished row's scores stay
@@ -214,8 +200,7 @@ def _decode(layer, carry, ctx, l):
       position=position_all.at[l].set(_set_rows(slot_position, target, position_newcomer)),
       length=kv.length.at[l].set(length + (keep & ~full)),
   )
-  x = x + layer.attn.output(out[:, None]).astype(x.dtype)
-  return (layer.mlp_block(x), kv), None
+  return (layer.finish(x, out[:, None]), kv), None
 
 
 def _set_rows(rows: jnp.ndarray, slot: jnp.ndarray, value: jnp.ndarray) -> jnp.ndarray:

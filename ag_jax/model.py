@@ -70,6 +70,17 @@ class DecoderLayer(nn.Module):
       self.gate_inv_freq = inverse_frequencies(self.gate.head_dim, cfg.rope_theta,
                                                dict(cfg.rope_scaling or ()))
 
+  # The layer's parts as the cache views (ag_jax.inference) use them.
+
+  def project(self, h, positions):
+    """h [B, T, E] (normalised) -> q [B, T, K, G, H], k, v [B, T, K, H], RoPE applied."""
+    return self.attn.project(h, positions, self.inv_freq)
+
+  def finish(self, x, attended):
+    """The residual x [B, T, E] plus the attention output of attended [B, T, K, G, H],
+    then the MLP block."""
+    return self.mlp_block(x + self.attn.output(attended).astype(x.dtype))
+
   def mlp_block(self, x):
     return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
 
@@ -82,10 +93,43 @@ class DecoderLayer(nn.Module):
     prob = jax.nn.sigmoid(logits).transpose(0, 2, 1)  # [B, K, T]
     return (prob, gate_kv) if return_kv else prob
 
-  def __call__(self, x, ctx: LayerContext, forced_keep):
+  def gate_chunk(self, h, ctx: LayerContext, ring_k=None, ring_v=None, ring_positions=None,
+                 ring_segments=None):
+    """Keep probabilities [B, K, C] of a prompt chunk h [B, C, E] after its prefix, whose
+    gate k/v are in the ring ([B, M, W, D]; positions, segments [B, W]); and the chunk's gate
+    k, v [B, C, M, D] for the ring (None for a linear gate, which needs no ring)."""
+    if self.gate.kind == "linear":
+      return jax.nn.sigmoid(self.evict_gate.linear_logits(h)).transpose(0, 2, 1), None
+    logits, kv = self.evict_gate.chunk(h, ctx.positions, ctx.segments, self.gate_inv_freq,
+                                       ring_k, ring_v, ring_positions, ring_segments,
+                                       ctx.backend)
+    return jax.nn.sigmoid(logits).transpose(0, 2, 1), kv
+
+  def gate_token_kv(self, h, position):
+    """A new token's gate q [B, N, D] and k, v [B, M, D] (attention gate); h [B, 1, E]."""
+    gq, gk, gv = self.evict_gate.project(h, position[:, None], self.gate_inv_freq)
+    return gq[:, 0], gk[:, 0], gv[:, 0]
+
+  def gate_token_prob(self, h, gq=None, ring_k=None, ring_v=None, position=None):
+    """A new token's keep probability [B, K]: from its own state h [B, 1, E] (linear gate),
+    or its gate query over the ring [B, M, W, D] that already holds its own k/v."""
+    if self.gate.kind == "linear":
+      return jax.nn.sigmoid(self.evict_gate.linear_logits(h)[:, 0])
+    return jax.nn.sigmoid(self.evict_gate.decode_logits(gq, ring_k, ring_v, position))
+
+  def __call__(self, carry, ctx: LayerContext, per_layer):
+    """One layer in the layer scan; what the arguments carry depends on ctx.mode:
+
+      train    carry = x [B, T, E]; per_layer = forced keep flags [B, K, T] bool, or None
+               (the gates decide). Returns (x, (probs, flags)).
+      prefill  carry = x; per_layer = this layer's index (unused: the layer returns its
+               cache arrays, stacked by the scan).
+      chunk    carry = (x [B, C, E], KVCache); per_layer = this layer's index into it.
+      decode   carry = (x [B, 1, E], KVCache); per_layer = the same index.
+    """
     if ctx.mode != "train":
-      return inference.layer_step(self, x, ctx, forced_keep)
-    # x [B, T, E]; forced_keep None or [B, K, T] bool.
+      return inference.layer_step(self, carry, ctx, per_layer)
+    x, forced_keep = carry, per_layer
     h = self.attn_norm(x)
     if self.gate is not None:
       prob = self.gate_probs(h, ctx)  # [B, K, T]
