@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import time
 from typing import Any, Iterable, Iterator, Sequence
 
 import flax.struct
@@ -46,6 +47,7 @@ class Completion:
   stop: str           # "eos" or "length"
   kept: float         # kept / seen tokens of this row at its end (mean over layers, KV heads)
   prompt_tokens: int
+  seconds: float = 0.0  # wall time from the start of its prefill to the end of its row
 
 
 def prompt_buckets(max_prompt: int, smallest: int = 32) -> tuple[int, ...]:
@@ -251,6 +253,7 @@ class SlotEngine:
         keys=jax.random.split(jax.random.key(self.seed), s))
     queue = iter(enumerate(requests))
     occupant: list[Request | None] = [None] * s
+    started = [0.0] * s
     free = collections.deque(range(s))
     exhausted = False
     eos, pad = jnp.int32(self.eos_id), jnp.int32(self.pad_id)
@@ -262,6 +265,7 @@ class SlotEngine:
           break
         index, request = item
         slot = free.popleft()
+        started[slot] = time.perf_counter()
         row, first, limit, key = self._prefill(request, index)
         state = _insert(state, row, jnp.int32(slot), first, jnp.int32(limit), key, eos)
         occupant[slot] = request
@@ -275,10 +279,12 @@ class SlotEngine:
         continue
       tokens, generated = np.asarray(state.tokens), np.asarray(state.generated)
       kept = np.asarray(_kept(state.cache))
+      now = time.perf_counter()
       for i in ended:
         out = tokens[i, :generated[i]].tolist()
         stop = "eos" if out and out[-1] == self.eos_id else "length"
-        yield Completion(occupant[i].id, out, stop, float(kept[i]), len(occupant[i].tokens))
+        yield Completion(occupant[i].id, out, stop, float(kept[i]), len(occupant[i].tokens),
+                         now - started[i])
         occupant[i] = None
         free.append(i)
 
