@@ -133,3 +133,19 @@ def test_decode_step_updates_the_stacked_cache_in_place(tiny_cfg, tiny_gate):
   copies = [line.strip()[:120] for line in hlo.splitlines()
             if " copy(" in line and any(s in line.split("copy(")[0] for s in stacked)]
   assert not copies, copies
+
+
+def test_serve(tmp_path, capsys):
+  import serve
+  data = run(serve, ["--prompts", "5", "--prompt-lens", "16,30", "--answer-lens", "3,9",
+                     "--full-slots", "2", "--budgets", "0.25", "--rounds", "1",
+                     "--prefill-chunk", "16"], tmp_path, capsys)
+  full, ag = data["rows"]
+  assert (full["variant"], ag["variant"]) == ("full", "ag@0.25")
+  # One memory limit: AG's smaller slots fit more of them in it.
+  assert full["cache_bytes"] <= full["limit_bytes"] and ag["cache_bytes"] <= ag["limit_bytes"]
+  assert ag["slots"] > full["slots"] and ag["capacity"] < full["capacity"]
+  for row in (full, ag):
+    for mode in ("continuous", "static"):
+      assert row[mode]["tokens"] == data["rows"][0][mode]["tokens"] > 0  # same requested tokens
+      assert np.isfinite(row[mode]["tokens_per_s"])
