@@ -12,7 +12,16 @@ Three programs, compiled once and timed side by side on the same random batch:
                 through the layers.)
   full step     the same gated model with trainable="all": every weight's gradient, AdamW on
                 all of them.
+  gate step, dense attention
+                the gate step with backend="dense": the [T, S] statement of the gated
+                attention by plain autodiff, the baseline the blocked attention replaced
+                (compared side by side at a size where both fit; --no-dense skips it).
 Target: gate step <= 1.15 x frozen floor.
+
+--memory compiles the gate step (and its dense variant) on abstract weights and reports
+XLA's memory analysis (temporaries, arguments) without running it, e.g. the long-context
+target (<= 16 GiB of temporaries):
+  python benchmarks/train_step.py --memory --model llama3_2_1b --batch 1 --seq 8192 --remat full
 
 Model FLOPs per token (matmuls as computed; attention over the full T x S score matrix as
 the training view computes it, gates ignored): forward F = 2 N + 4 L T (heads x head_dim);
@@ -88,6 +97,9 @@ def main(argv=None):
   p.add_argument("--seq", type=int, help="tokens per sequence")
   p.add_argument("--remat", default="none", help="remat policy (none, full, dots, ...)")
   p.add_argument("--no-full", action="store_true", help="skip the full fine-tune step")
+  p.add_argument("--no-dense", action="store_true", help="skip the dense-attention gate step")
+  p.add_argument("--memory", action="store_true",
+                 help="compile only (abstract weights) and report the compiled memory")
   args = p.parse_args(argv)
   size = common.resolve_size(args.size)
   g = GRIDS[size]
@@ -99,6 +111,8 @@ def main(argv=None):
                                                     rounds=rounds))
   gated = Llama(cfg, gate=GateConfig(), remat=args.remat)
   plain = Llama(cfg, remat=args.remat)
+  if args.memory:
+    return memory_report(res, gated, cfg, batch, seq, args)
   variables = init_variables(gated, jax.random.key(0))
   data = make_batch(cfg, batch, seq)
   tx, schedule = step_lib.make_optimizer(1e-3, total_steps=1000)
@@ -114,6 +128,11 @@ def main(argv=None):
                             donate_argnums=(0,)),
                     step_lib.init_state(gates, tx), (frozen, data)),
   }
+  if not args.no_dense:
+    programs["gate step, dense attention"] = (
+        jax.jit(step_lib.make_train_step(gated, tx, schedule, "gates", backend="dense"),
+                donate_argnums=(0,)),
+        step_lib.init_state(jax.tree_util.tree_map(jnp.copy, gates), tx), (frozen, data))
   if not args.no_full:
     programs["full step"] = (
         jax.jit(step_lib.make_train_step(gated, tx, schedule, "all"), donate_argnums=(0,)),
@@ -156,6 +175,8 @@ def main(argv=None):
     row["mfu"] = row["flops_per_s"] / peak if peak else None
     if floor:
       row["x_floor"] = t["median_s"] / floor["median_s"]
+    if label == "gate step, dense attention" and "gate step" in times:
+      row["x_blocked_gate_step"] = t["median_s"] / times["gate step"]["median_s"]
     res.add("rows", row)
   gate_row = next((r for r in res.data["rows"] if r["program"] == "gate step"), None)
   x = gate_row.get("x_floor") if gate_row else None
@@ -169,10 +190,51 @@ def main(argv=None):
   print(f"\nTraining step, {name} ({cfg.num_layers} layers), batch {batch} x {seq} tokens, "
         f"{res.data['environment']['device_kind']}, peak {common.fmt(peak)} FLOP/s\n")
   print(common.markdown_table(
-      ["program", "step ms", "x frozen floor", "tokens/s", "model TFLOP/s", "MFU"],
-      [[r["program"], 1e3 * r["step_s"], r.get("x_floor"), r["tokens_per_s"],
-        r["flops_per_s"] / 1e12, r["mfu"]] for r in res.data["rows"]]))
+      ["program", "step ms", "x frozen floor", "x blocked gate step", "tokens/s",
+       "model TFLOP/s", "MFU"],
+      [[r["program"], 1e3 * r["step_s"], r.get("x_floor"), r.get("x_blocked_gate_step"),
+        r["tokens_per_s"], r["flops_per_s"] / 1e12, r["mfu"]] for r in res.data["rows"]]))
   return res.data
+
+
+def memory_report(res, gated, cfg, batch: int, seq: int, args) -> dict:
+  """Compiled memory of the gate step (blocked and, unless --no-dense, dense attention)
+  on abstract weights: nothing is allocated or run, so real model sizes fit on a laptop."""
+  tx, schedule = step_lib.make_optimizer(1e-3, total_steps=1000)
+  params = jax.eval_shape(lambda: init_variables(gated, jax.random.key(0)))["params"]
+  gates, frozen = step_lib.split_params(params, "gates")
+  state = jax.eval_shape(lambda g: step_lib.init_state(g, tx), gates)
+  data = jax.eval_shape(lambda: make_batch_shapes(batch, seq))
+  backends = {"gate step": None}
+  if not args.no_dense:
+    backends["gate step, dense attention"] = "dense"
+  for label, backend in backends.items():
+    step = jax.jit(step_lib.make_train_step(gated, tx, schedule, "gates", backend=backend),
+                   donate_argnums=(0,))
+    try:
+      stats = step.lower(state, frozen, data).compile().memory_analysis()
+      res.add("rows", dict(program=label, temp_bytes=stats.temp_size_in_bytes,
+                           argument_bytes=stats.argument_size_in_bytes,
+                           output_bytes=stats.output_size_in_bytes))
+    except Exception as e:  # e.g. a compiler without memory analysis
+      res.add("errors", {"program": label, "error": repr(e)[:2000]})
+  for e in res.data["errors"]:
+    print(f"error: {e}")
+  print(f"\nGate-training step memory (compiled, abstract weights), {res.data['settings']['model']}"
+        f" ({cfg.num_layers} layers), batch {batch} x {seq} tokens, remat {args.remat}, "
+        f"{res.data['environment']['device_kind']}\n")
+  print(common.markdown_table(
+      ["program", "temporaries", "arguments", "outputs"],
+      [[r["program"], common.gib(r["temp_bytes"]), common.gib(r["argument_bytes"]),
+        common.gib(r["output_bytes"])] for r in res.data["rows"]]))
+  return res.data
+
+
+def make_batch_shapes(batch: int, seq: int) -> dict:
+  """make_batch's arrays (for jax.eval_shape: only their shapes and dtypes are used)."""
+  ints = jnp.zeros((batch, seq), jnp.int32)
+  return {"tokens": ints, "targets": ints, "positions": ints, "segment_ids": ints,
+          "loss_mask": jnp.zeros((batch, seq), jnp.float32)}
 
 
 if __name__ == "__main__":

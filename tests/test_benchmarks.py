@@ -107,9 +107,21 @@ def test_train_step(tmp_path, capsys):
   data = run(train_step, ["--layers", "1", "--batch", "1", "--seq", "16", "--rounds", "1"],
              tmp_path, capsys)
   rows = {r["program"]: r for r in data["rows"]}
-  assert set(rows) == {"frozen floor", "gate step", "full step"}
+  assert set(rows) == {"frozen floor", "gate step", "full step", "gate step, dense attention"}
   assert rows["frozen floor"]["x_floor"] == 1.0 and rows["gate step"]["tokens_per_s"] > 0
+  assert rows["gate step, dense attention"]["x_blocked_gate_step"] > 0
   assert data["targets"]["gate_step_le_1.15x_frozen_floor"]["value"] > 0
+
+
+def test_train_step_memory(tmp_path, capsys):
+  # The blocked attention never holds [T, S]; the dense statement does (fp32 logits and
+  # probabilities per layer): at T=512 the difference is several [T, S] buffers.
+  data = run(train_step, ["--memory", "--layers", "1", "--batch", "1", "--seq", "512"],
+             tmp_path, capsys)
+  rows = {r["program"]: r for r in data["rows"]}
+  assert set(rows) == {"gate step", "gate step, dense attention"}
+  ts = 512 * 512 * 4  # one fp32 [T, S] buffer per (kv head x group)
+  assert rows["gate step, dense attention"]["temp_bytes"] > rows["gate step"]["temp_bytes"] + ts
 
 
 def test_kernel_check(tmp_path, capsys):
