@@ -389,13 +389,19 @@ def summarize(rows, stats, policy, tokenizer) -> dict:
   return {"summary": summary, "generations": rows}
 
 
+def print_generations(rows, out=sys.stdout, with_id: bool = False):
+  """Each prompt (abridged), its generation and, when scored, the hit or the answer."""
+  for r in rows:
+    mark = "" if "correct" not in r else ("  ✓" if r["correct"] else f"  ✗ (answer {r['answer']!r})")
+    ident = f"[{r['id']}] " if with_id else ""
+    print(f"» {ident}{_abridge(r['prompt'])}\n  → {r['generation']!r}{mark}", file=out)
+  print(file=out)
+
+
 def print_report(report: dict, quiet: bool = False, out=sys.stdout):
   s = report["summary"]
   if not quiet:
-    for r in report["generations"]:
-      mark = "" if "correct" not in r else ("  ✓" if r["correct"] else f"  ✗ (answer {r['answer']!r})")
-      print(f"» {_abridge(r['prompt'])}\n  → {r['generation']!r}{mark}", file=out)
-    print(file=out)
+    print_generations(report["generations"], out)
   gates = f"   gates: {s['gates']}" if s.get("gates") else ""
   print(f"policy: {s['policy']}   capacity: {s['capacity']} tokens per row{gates}", file=out)
   print("| layer | kept % |", file=out)

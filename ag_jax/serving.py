@@ -38,6 +38,8 @@ class Request:
   id: Any
   tokens: Sequence[int]              # the prompt, BOS included
   max_new_tokens: int | None = None  # None: the engine's max_new_tokens
+  seed: int | None = None            # sampling key fold_in(engine seed, this); None: the
+                                     # request's position in the stream given to `run`
 
 
 @dataclasses.dataclass
@@ -179,7 +181,9 @@ class SlotEngine:
                                f"capacity {self.capacity}, context {self.context}")
     self.slots, self.sampling, self.seed = int(slots), sampling, seed
     self.eos_id, self.pad_id, self.backend = eos_id, pad_id, backend
-    self.prefill_chunk = prefill_chunk
+    # A policy that cannot prefill in chunks is refused here, before any prompt runs.
+    self.prefill_chunk = None if prefill_chunk is None else \
+        engine._check_chunk(self.policy, prefill_chunk)  # pylint: disable=protected-access
     self.steps_per_sync = int(steps_per_sync)
     self.widths_used: set[int] = set()
 
@@ -239,7 +243,8 @@ class SlotEngine:
         self.model, self.variables, tokens, np.array([n], np.int32), policy=self.policy,
         capacity=self.capacity, max_new_tokens=self.context - width, chunk=self.prefill_chunk,
         backend=self.backend)
-    key = jax.random.fold_in(jax.random.key(self.seed), index)
+    key = jax.random.fold_in(jax.random.key(self.seed),
+                             index if request.seed is None else request.seed)
     first = _sample_rows(logits, key[None], jnp.zeros((1,), jnp.int32), self.sampling)[0]
     return row, first, limit, key
 

@@ -110,7 +110,8 @@ def run_file(args, model, variables, tokenizer, prompts, policy, sampling, max_n
          "prompts_file": os.path.basename(args.prompts_file)}
   done, keep_bytes = read_done(args.output, run) if args.output else ({}, 0)
   todo = [i for i, p in enumerate(prompts) if p.id not in done]
-  requests = (serving.Request(i, ids[i], limits[i]) for i in todo)
+  # seed=i: a prompt samples with the same key whether or not the run was resumed.
+  requests = (serving.Request(i, ids[i], limits[i], seed=i) for i in todo)
 
   out = None
   if args.output:
@@ -158,13 +159,10 @@ def run_file(args, model, variables, tokenizer, prompts, policy, sampling, max_n
 
 
 def print_report(report: dict, quiet: bool = False, out=sys.stdout) -> None:
-  from ag_jax.batch_decode import _abridge
+  from ag_jax.batch_decode import print_generations
   s = report["summary"]
   if not quiet:
-    for r in report["generations"]:
-      mark = "" if "correct" not in r else ("  ✓" if r["correct"] else f"  ✗ (answer {r['answer']!r})")
-      print(f"» [{r['id']}] {_abridge(r['prompt'])}\n  → {r['generation']!r}{mark}", file=out)
-    print(file=out)
+    print_generations(report["generations"], out, with_id=True)
   gates = f"   gates: {s['gates']}" if s.get("gates") else ""
   print(f"policy: {s['policy']}   capacity: {s['capacity']} tokens per row, planned context "
         f"{s['context']}{gates}", file=out)

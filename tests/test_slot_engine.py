@@ -99,6 +99,8 @@ def test_memory_limit_sizes_the_slots(world):
     (dict(slots=2, max_prompt_tokens=250), "exceeds the model's max_position"),
     (dict(slots=2, buckets=(8, 16)), "narrower than the longest prompt"),
     (dict(slots=2, policy=policies.Full(), capacity=8), "evicts nothing"),
+    (dict(slots=2, policy=policies.make_policy("h2o"), capacity=8, prefill_chunk=4),
+     "one-shot only"),
 ])
 def test_bad_plans_are_refused(world, kwargs, message):
   model, variables, _ = world
@@ -116,3 +118,21 @@ def test_requests_outside_the_plan_are_refused(world):
   with pytest.raises(engine.InferenceError, match="longer than the widest bucket"):
     list(eng.run([serving.Request("b", list(range(1, 40)))]))
   assert serving.prompt_buckets(100) == (32, 64, 100) and serving.prompt_buckets(20) == (20,)
+
+
+def test_sampling_key_follows_the_request_seed(world):
+  """A row samples from fold_in(seed, request.seed), not from its slot or its place in the
+  stream: a prompt resumed alone draws the tokens it drew among the others."""
+  from ag_jax.sampling import SamplingConfig
+  model, variables, requests = world
+  kw = dict(max_prompt_tokens=30, max_new_tokens=MAX_NEW, capacity=CAPACITY, buckets=(8, 16, 32),
+            sampling=SamplingConfig(temperature=1.0))
+  seeded = [serving.Request(r.id, r.tokens, MAX_NEW, seed=i) for i, r in enumerate(requests)]
+  eng = serving.SlotEngine(model, variables, slots=3, **kw)
+  together = {c.id: c.tokens for c in eng.run(seeded)}
+  last = serving.SlotEngine(model, variables, slots=1, **kw)
+  alone_last = {c.id: c.tokens for c in last.run(seeded[-1:])}
+  assert alone_last[requests[-1].id] == together[requests[-1].id]
+  unseeded = {c.id: c.tokens for c in last.run([serving.Request("x", requests[-1].tokens,
+                                                                 MAX_NEW)])}
+  assert unseeded["x"] != together[requests[-1].id]  # position 0's key: other draws
