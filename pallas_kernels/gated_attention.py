@@ -21,7 +21,8 @@ Memory: the jnp version maps over query blocks and scans key blocks, so its temp
 are [B, K, G, block_q, block_k], never [T, S] (nor [T, block_k]: at T = 4096 a [T, 512]
 fp32 temporary per head is already an eighth of [T, T], and the backward holds several);
 key blocks that positions put wholly outside a query block (the causal future, before the
-window) are skipped. The backward pass recomputes the logits block by block from the saved
+window) are skipped, and in the forward pass also blocks with no visible key (all flags 0:
+a prefill chunk's free cache slots). The backward pass recomputes the logits block by block from the saved
 row max and row sum (both [B, K, G, T]), carrying the key-side gradients across query
 blocks. Under an outer remat the forward saves nothing internally (see `_blocked_fwd`).
 The Pallas forward kernel (`gated_attention_kernel`) computes the same (out, row max, row
@@ -176,10 +177,8 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, keep, window, scale, block_k,
     def step(carry, block):
       kb, vb, kp, ks, keepb = block
 
-      def update(carry):
+      def update(carry, visible):
         m, l, acc = carry
-        allowed, diagonal = _allowed(qp, kp, qs, ks, window)
-        visible = _weights(allowed, diagonal, keepb) > 0            # [B, K, 1, bq, bk]
         logits = jnp.where(visible, _logits(qb, kb, scale), -jnp.inf)  # [B, K, G, bq, bk]
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -190,7 +189,15 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, keep, window, scale, block_k,
                         preferred_element_type=jnp.float32)
         return m_new, l, alpha[..., None] * acc + pv
 
-      return lax.cond(_skip(qp, kp, window), lambda c: c, update, carry), None
+      def visit(carry):
+        allowed, diagonal = _allowed(qp, kp, qs, ks, window)
+        visible = _weights(allowed, diagonal, keepb) > 0            # [B, K, 1, bq, bk]
+        # A block without one visible key adds exactly nothing either: e.g. the free slots
+        # of a prefill chunk's cache (held 0), so a chunk costs O(held + chunk), not
+        # O(capacity + chunk).
+        return lax.cond(jnp.any(visible), lambda c: update(c, visible), lambda c: c, carry)
+
+      return lax.cond(_skip(qp, kp, window), lambda c: c, visit, carry), None
 
     bq = qb.shape[1]
     init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
