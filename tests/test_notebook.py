@@ -37,3 +37,40 @@ def test_ablation_notebook_runs_small(tmp_path, monkeypatch):
   for png in ("policies_vs_kept.png", "ag_kept_heatmap.png", "ag_keep_map.png",
               "ablations_vs_kept.png"):
     assert (out / png).stat().st_size > 1000
+
+
+def _run_install_cell(monkeypatch, cwd, repo_url):
+  """Run the notebook's install cell as a fresh kernel would (ag_jax not importable), with
+  pip replaced by a recorder; -> the pip arguments."""
+  import importlib.util
+  import subprocess
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  calls = []
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "ag_jax" else real_find_spec(name, *a))
+  monkeypatch.setattr(subprocess, "check_call", lambda args: calls.append(args))
+  monkeypatch.chdir(cwd)
+  if repo_url is None:
+    monkeypatch.delenv("AG_JAX_REPO_URL", raising=False)
+  else:
+    monkeypatch.setenv("AG_JAX_REPO_URL", repo_url)
+  exec(compile(nb.cells[1].source, "install-cell", "exec"), {})  # pylint: disable=exec-used
+  return calls
+
+
+def test_install_cell_installs_the_clone_it_runs_in(monkeypatch):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(NOTEBOOK)))
+  calls = _run_install_cell(monkeypatch, os.path.join(root, "notebooks"), None)
+  assert len(calls) == 1 and calls[0][-1] == f"{root}[notebook]"
+
+
+def test_install_cell_outside_a_clone_uses_repo_url_or_says_to_set_it(monkeypatch, tmp_path):
+  calls = _run_install_cell(monkeypatch, tmp_path, "https://example.org/me/ag-jax.git")
+  assert calls[0][-1] == "ag-jax[notebook] @ git+https://example.org/me/ag-jax.git"
+  try:
+    _run_install_cell(monkeypatch, tmp_path, None)
+  except RuntimeError as e:
+    assert "REPO_URL" in str(e) and "clone" in str(e)
+  else:
+    raise AssertionError("the install cell ran without a checkout or a REPO_URL")
