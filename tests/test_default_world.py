@@ -49,8 +49,8 @@ def test_attention_gate_keeps_under_30_percent_and_still_answers(world):
   result = engine.generate(model, variables, prompts, policy=AttentionGate(),
                            budget=default_world.default_budget(), max_new_tokens=1)
   accuracy = (result.tokens[:, 0] == answers).mean()
-  assert accuracy >= 0.9, accuracy  # measured: 0.97 on 512 test prompts
-  assert float(result.kept_ratio.mean()) <= 0.3  # measured: 0.27
+  assert accuracy >= 0.9, accuracy  # measured: 0.986 on 512 test prompts
+  assert float(result.kept_ratio.mean()) <= 0.3  # measured: 0.291 on 512
   assert result.kv_bytes <= 0.55 * result.full_kv_bytes  # the cache allocated: the budget
 
 
