@@ -24,7 +24,8 @@ key blocks that positions put wholly outside a query block (the causal future, b
 window) are skipped, and in the forward pass also blocks with no visible key (all flags 0:
 a prefill chunk's free cache slots; the backward keeps them, as flag-gradient sites). The
 backward pass recomputes the logits block by block from the saved row max and row sum (both
-[B, K, G, T]), carrying the key-side gradients across query blocks. Under an outer remat the forward saves nothing internally (see `_blocked_fwd`).
+[B, K, G, T]), carrying the key-side gradients across query blocks. Under an outer remat the
+forward saves nothing internally (see `_blocked_fwd`).
 The Pallas forward kernel (`gated_attention_kernel`) computes the same (out, row max, row
 sum); the backward is this module's jnp scan on every backend. `gated_attention_dense` is
 the plain statement of the semantics (tests, benchmarks).

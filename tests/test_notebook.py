@@ -5,6 +5,7 @@ import os
 import time
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(__file__)), "notebooks", "ablations.ipynb")
@@ -68,9 +69,5 @@ def test_install_cell_installs_the_clone_it_runs_in(monkeypatch):
 def test_install_cell_outside_a_clone_uses_repo_url_or_says_to_set_it(monkeypatch, tmp_path):
   calls = _run_install_cell(monkeypatch, tmp_path, "https://example.org/me/ag-jax.git")
   assert calls[0][-1] == "ag-jax[notebook] @ git+https://example.org/me/ag-jax.git"
-  try:
+  with pytest.raises(RuntimeError, match=r"(?s)clone.*REPO_URL"):
     _run_install_cell(monkeypatch, tmp_path, None)
-  except RuntimeError as e:
-    assert "REPO_URL" in str(e) and "clone" in str(e)
-  else:
-    raise AssertionError("the install cell ran without a checkout or a REPO_URL")
