@@ -88,10 +88,10 @@ def test_iterator_resumes_with_weights():
 
 def test_ruler_response_tokens_match_the_whole_text():
   """The RULER examples tokenize the same apart and whole, so weighting changes no token."""
-  from ag_jax.data import ruler
+  from ag_jax.data import ruler, ruler_mix
   from ag_jax.tokenizer import load_tokenizer
   tok = load_tokenizer("stdlib_bpe:2048")
-  mix = ruler.RulerMix(min_length=64, max_length=96, min_needles=2, max_needles=4)
+  mix = ruler_mix.RulerMix(min_length=64, max_length=96, min_needles=2, max_needles=4)
   for i in range(8):
     ex = mix.example(tok, "train", i)
     ids, _, weights = tokenize_weighted(ex, tok, response_weight=10.0)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from ag_jax.data import ruler
+from ag_jax.data import ruler, ruler_mix
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "configs", "train", "ruler_base.yaml")
 
@@ -25,7 +25,7 @@ def tok():
 
 
 def test_recipe_mix_parses_to_retrieval_tasks_over_a_ramp(recipe):
-  mix, tok_spec, size = ruler.parse_spec(recipe.data.source)
+  mix, tok_spec, size = ruler_mix.parse_spec(recipe.data.source)
   assert set(ruler.RETRIEVAL_TASKS) <= set(mix.tasks)
   assert mix.max_length >= 512 and mix.min_length < 256 and mix.length_ramp > 0
   assert tok_spec == recipe.data.tokenizer == "stdlib_bpe:2048"
@@ -35,7 +35,7 @@ def test_recipe_mix_parses_to_retrieval_tasks_over_a_ramp(recipe):
 
 
 def test_ramp_bounds_each_example_length(tok):
-  mix = ruler.RulerMix(min_length=128, max_length=512, length_ramp=40)
+  mix = ruler_mix.RulerMix(min_length=128, max_length=512, length_ramp=40)
   for i in (0, 1, 10, 20, 39, 40, 80):
     ex = mix.example(tok, "train", i)
     top = 128 + min(1.0, i / 40) * (512 - 128)
@@ -50,7 +50,7 @@ def test_the_iterator_reads_short_documents_first_without_shuffle(recipe, tok):
   (a shuffled one draws from all `size` indices, past the ramp, from the first step)."""
   from ag_jax.data import DataIterator, open_source
   assert recipe.data.shuffle is False
-  mix, _, _ = ruler.parse_spec(recipe.data.source)
+  mix, _, _ = ruler_mix.parse_spec(recipe.data.source)
   source = open_source(recipe.data.source, "train")
   it = DataIterator(source, tok, recipe.data.seq_len, 2, seed=recipe.data.seed,
                     shuffle=recipe.data.shuffle)
@@ -67,7 +67,7 @@ def test_the_iterator_reads_short_documents_first_without_shuffle(recipe, tok):
 
 @pytest.mark.parametrize("task", ruler.RETRIEVAL_TASKS)
 def test_longest_documents_fit_one_row(recipe, tok, task):
-  mix, _, _ = ruler.parse_spec(recipe.data.source)
+  mix, _, _ = ruler_mix.parse_spec(recipe.data.source)
   needles = mix.max_needles if task.startswith("niah") else None
   config = ruler.RulerConfig(task=task, length=mix.max_length, num_needles=needles)
   for i in range(2):
@@ -79,16 +79,16 @@ def test_longest_documents_fit_one_row(recipe, tok, task):
 def test_task_warmup_draws_only_warmup_tasks_first(tok):
   spec = ("ruler:tasks=niah_multikey+vt,warmup_tasks=niah_multikey,task_warmup=20,"
           "min_length=96,max_length=128")
-  mix, _, _ = ruler.parse_spec(spec)
+  mix, _, _ = ruler_mix.parse_spec(spec)
   assert mix.warmup_tasks == ("niah_multikey",) and mix.task_warmup == 20
   assert {mix.example(tok, "train", i)["task"] for i in range(20)} == {"niah_multikey"}
   # past the warm-up the examples are exactly those of the mix without one
-  plain = ruler.RulerMix(tasks=mix.tasks, min_length=96, max_length=128)
+  plain = ruler_mix.RulerMix(tasks=mix.tasks, min_length=96, max_length=128)
   for i in range(20, 30):
     assert mix.example(tok, "train", i)["text"] == plain.example(tok, "train", i)["text"]
   assert "vt" in {mix.example(tok, "train", i)["task"] for i in range(20, 40)}
   with pytest.raises(ValueError, match="warmup_tasks"):
-    ruler.RulerMix(task_warmup=5)
+    ruler_mix.RulerMix(task_warmup=5)
 
 
 def test_needle_repeats_copy_each_needle_line(tok):
@@ -97,19 +97,19 @@ def test_needle_repeats_copy_each_needle_line(tok):
   ex = ruler.generate_example(ruler.dataclasses.replace(base, needle_repeats=2), tok, "train", 5)
   assert ex["answers"] == plain["answers"] and ex["question"] == plain["question"]
   for key, value in zip(ex["needle_keys"], ex["needle_values"]):
-    assert ex["context"].count(ruler._niah_line(key, value)) == 3
+    assert ex["context"].count(ruler.niah_line(key, value)) == 3
   assert ex["length"] <= 256
 
 
 def test_warmup_repeats_only_in_the_warmup_and_always_fit(tok):
-  mix = ruler.RulerMix(tasks=("niah_multikey", "niah_multiquery", "vt"), min_length=112,
+  mix = ruler_mix.RulerMix(tasks=("niah_multikey", "niah_multiquery", "vt"), min_length=112,
                        max_length=256, min_needles=2, max_needles=5,
                        warmup_tasks=("niah_multikey", "niah_multiquery"), task_warmup=30,
                        warmup_repeats=3)
   repeated = 0
   for i in range(40):
     ex = mix.example(tok, "train", i)  # never "the needles alone exceed": copies shrink
-    lines = [ruler._niah_line(k, v) for k, v in zip(ex.get("needle_keys", []),
+    lines = [ruler.niah_line(k, v) for k, v in zip(ex.get("needle_keys", []),
                                                    ex.get("needle_values", []))]
     copies = max((ex["context"].count(line) for line in lines), default=0)  # vt: 0
     assert copies <= 1 or i < 30
@@ -118,9 +118,60 @@ def test_warmup_repeats_only_in_the_warmup_and_always_fit(tok):
 
 
 def test_warmup_haystack_only_in_the_warmup(tok):
-  mix, _, _ = ruler.parse_spec("ruler:tasks=niah_multikey+vt,warmup_tasks=niah_multikey,"
+  mix, _, _ = ruler_mix.parse_spec("ruler:tasks=niah_multikey+vt,warmup_tasks=niah_multikey,"
                                "task_warmup=5,warmup_haystack=noise,min_length=128,max_length=160")
   assert all(ruler.NOISE in mix.example(tok, "train", i)["context"] for i in range(5))
   assert not any(ruler.NOISE in mix.example(tok, "train", i)["context"] for i in range(5, 10))
   with pytest.raises(ValueError, match="warmup_haystack"):
-    ruler.RulerMix(warmup_haystack="nope")
+    ruler_mix.RulerMix(warmup_haystack="nope")
+
+
+def test_copy_rows_repeat_a_span_at_random_offsets(tok):
+  rng = ruler_mix.random.Random(3)
+  starts = set()
+  for _ in range(20):
+    ex = ruler_mix.copy_example(rng, 49)
+    ids = tok.encode(ex["text"], add_bos=True)
+    assert len(ids) == ex["length"] <= 49  # every pool piece is one token
+    prompt = tok.encode(ex["prompt"], add_bos=True)
+    response = tok.encode(ex["response"], add_bos=False)
+    assert prompt + response == ids  # the SFT split tokenizes like the whole text
+    span = len(response) + 1
+    x = ids[-span:]
+    hits = [i for i in range(1, len(ids) - 2 * span + 1) if ids[i:i + span] == x]
+    assert hits, "the copied span occurs earlier in the row"
+    starts.add(hits[0])
+  assert len(starts) > 5  # offsets vary: no positional rule predicts the copy
+  with pytest.raises(ValueError, match="copy rows need length"):
+    ruler_mix.copy_example(rng, 10)
+
+
+def test_copy_warmup_comes_first_then_the_mix_without_it(tok):
+  mix, _, _ = ruler_mix.parse_spec("ruler:tasks=niah_multikey,copy_warmup=6,copy_length=40,"
+                                   "min_length=96,max_length=128")
+  assert {mix.example(tok, "train", i)["task"] for i in range(6)} == {"copy"}
+  assert all(len(tok.encode(mix.example(tok, "train", i)["text"], add_bos=True)) <= 40
+             for i in range(6))
+  plain = ruler_mix.RulerMix(tasks=mix.tasks, min_length=96, max_length=128)
+  for i in range(6, 10):  # each index keeps its own seed
+    assert mix.example(tok, "train", i)["text"] == plain.example(tok, "train", i)["text"]
+  # the length ramp counts from the copy warm-up's end
+  ramped = ruler_mix.RulerMix(tasks=mix.tasks, min_length=96, max_length=512, length_ramp=100,
+                              copy_warmup=50)
+  assert all(ramped.example(tok, "train", i)["length"] <= 100 for i in range(50, 52))
+
+
+def test_shares_mix_copies_and_drills_into_the_suite(tok):
+  mix = ruler_mix.RulerMix(tasks=("niah_multikey",), min_length=96, max_length=160,
+                           copy_share=0.3, drill_share=0.3, min_needles=2, max_needles=4)
+  tasks = [mix.example(tok, "train", i)["task"] for i in range(60)]
+  assert {"copy", "drill", "niah_multikey"} == set(tasks)
+  for i in range(60):
+    ex = mix.example(tok, "train", i)
+    if ex["task"] == "drill":
+      lines = ex["text"].splitlines(keepends=True)
+      assert len(tok.encode(ex["text"], add_bos=True)) <= 160
+      taught = set(ex["lines"])
+      assert len(taught) >= 2 and set(lines) <= taught and len(lines) > len(taught)
+  with pytest.raises(ValueError, match="sum <= 1"):
+    ruler_mix.RulerMix(copy_share=0.7, drill_share=0.5)

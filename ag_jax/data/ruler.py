@@ -160,27 +160,27 @@ class Haystack:
 
 
 @functools.lru_cache(maxsize=16)
-def _haystack(kind: str, split: str, root: str | None, limit: int | None) -> Haystack:
+def open_haystack(kind: str, split: str, root: str | None, limit: int | None) -> Haystack:
   return Haystack(kind, split, root, limit)
 
 
-def _count(tokenizer, text: str) -> int:
+def count_tokens(tokenizer, text: str) -> int:
   return len(tokenizer.encode(text, add_bos=True))
 
 
-def _fit(tokenizer, build, budget: int, guess: int) -> tuple[str, int]:
-  """The most haystack lines h with _count(build(h)) <= budget: (text, h). build(h) must
+def fit_lines(tokenizer, build, budget: int, guess: int) -> tuple[str, int]:
+  """The most haystack lines h with count_tokens(build(h)) <= budget: (text, h). build(h) must
   grow with h."""
   lo, hi = 0, max(1, guess)
-  while _count(tokenizer, build(hi)) <= budget:  # find an upper bound
+  while count_tokens(tokenizer, build(hi)) <= budget:  # find an upper bound
     lo, hi = hi, hi * 2
     if hi > 1 << 20:
       raise ValueError("the haystack cannot fill the context")
-  if _count(tokenizer, build(lo)) > budget:
+  if count_tokens(tokenizer, build(lo)) > budget:
     raise ValueError(f"the needles alone exceed {budget} tokens; raise length")
   while hi - lo > 1:
     mid = (lo + hi) // 2
-    if _count(tokenizer, build(mid)) <= budget:
+    if count_tokens(tokenizer, build(mid)) <= budget:
       lo = mid
     else:
       hi = mid
@@ -218,7 +218,7 @@ def _pieces(rng: random.Random, pool: Sequence[str], n: int, k: int) -> list[str
   return out
 
 
-def _niah_line(key: str, value: str) -> str:
+def niah_line(key: str, value: str) -> str:
   return f"# One of the magic numbers for{key} is{value}.\n"
 
 
@@ -238,7 +238,7 @@ def generate_example(config: RulerConfig, tokenizer, split: str, index: int, *,
   hay_split = config.haystack_split or split
   if config.task == "cwe":
     return _cwe(config, tokenizer, rng)
-  hay = _haystack(config.haystack, hay_split, root, limit)
+  hay = open_haystack(config.haystack, hay_split, root, limit)
   start = hay.start(rng)
   n = config.needles
   if config.task == "vt":
@@ -248,20 +248,20 @@ def generate_example(config: RulerConfig, tokenizer, split: str, index: int, *,
   depths = [rng.random() for _ in range(n)]
   if config.task == "niah_multikey":
     asked = [rng.randrange(n)] if ask is None else [int(ask)]
-    lines = [_niah_line(k, v) for k, v in zip(keys, values)]
+    lines = [niah_line(k, v) for k, v in zip(keys, values)]
     q_keys, answers = [keys[asked[0]]], [values[asked[0]]]
     question = (f"# Question: what is the magic number for{q_keys[0]}?\n"
                 f"# Answer: the magic number for{q_keys[0]} is")
   elif config.task == "niah_multiquery":
     asked = rng.sample(range(n), config.num_queries) if ask is None else [int(a) for a in ask]
-    lines = [_niah_line(k, v) for k, v in zip(keys, values)]
+    lines = [niah_line(k, v) for k, v in zip(keys, values)]
     q_keys, answers = [keys[a] for a in asked], [values[a] for a in asked]
     listed = ",".join(q_keys)
     question = (f"# Question: what are the magic numbers for{listed}?\n"
                 f"# Answer: the magic numbers for{listed} are")
   else:  # niah_multivalue: all values of one key, in order of appearance
     asked = list(range(n))
-    lines = [_niah_line(keys[0], v) for v in values]
+    lines = [niah_line(keys[0], v) for v in values]
     order = sorted(range(n), key=lambda i: (depths[i], i))
     q_keys, answers = [keys[0]], [values[i] for i in order]
     question = (f"# Question: what are all the magic numbers for{keys[0]}?\n"
@@ -275,7 +275,7 @@ def generate_example(config: RulerConfig, tokenizer, split: str, index: int, *,
     # the question gives one. Drawn last, so the rest of the example does not change.
     extra = [rng.random() for _ in range(config.needle_repeats * n)]
     placed, at = lines * (1 + config.needle_repeats), depths + extra
-  context, _ = _fit(tokenizer, lambda h: _with_needles(hay.lines(start, h), placed, at),
+  context, _ = fit_lines(tokenizer, lambda h: _with_needles(hay.lines(start, h), placed, at),
                     config.length, guess=config.length // 8)
   return _finish(config, tokenizer, context, question, answers,
                  needle_keys=keys if config.task != "niah_multivalue" else keys * n,
@@ -303,7 +303,7 @@ def _vt(config, tokenizer, rng, hay, start, ask) -> dict:
       depths[i] = min(1.0, max(0.0, depths[i] + shift))
   question = (f"# Question: which variables are assigned the value{values[asked]}?\n"
               f"# Answer: the variables assigned the value{values[asked]} are")
-  context, _ = _fit(tokenizer, lambda h: _with_needles(hay.lines(start, h), lines, depths),
+  context, _ = fit_lines(tokenizer, lambda h: _with_needles(hay.lines(start, h), lines, depths),
                     config.length, guess=config.length // 8)
   return _finish(config, tokenizer, context, question, list(chains[asked]),
                  needle_keys=names, needle_values=values, depths=depths, asked=[asked])
@@ -325,7 +325,7 @@ def _cwe(config, tokenizer, rng) -> dict:
     return header + body, seen, words
 
   rng_state = rng.getstate()
-  text, h = _fit(tokenizer, lambda t: build(t)[0] if t else header,
+  text, h = fit_lines(tokenizer, lambda t: build(t)[0] if t else header,
                  config.length, guess=config.length // 2)
   if h < 2 * config.num_common:
     raise ValueError(f"cwe at length {config.length} holds too few words; raise length")
@@ -363,174 +363,9 @@ def _finish(config, tokenizer, context, question, answers, **meta) -> dict:
   return {"task": config.task, "context": context, "question": question,
           "answers": list(answers), "answer": answer, "prompt": context + question,
           "response": answer, "text": context + question + answer,
-          "length": _count(tokenizer, context), **meta}
+          "length": count_tokens(tokenizer, context), **meta}
 
 
 def score_items(generated: str, answers: Sequence[str]) -> float:
   """RULER's string_match_all: the share of answer items found in the generation."""
   return float(np.mean([a.strip() in generated for a in answers])) if answers else 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# A training / evaluation source: the suite mixed with plain language modelling
-
-
-@dataclasses.dataclass(frozen=True)
-class RulerMix:
-  """A random-access mix, for `train.py` through `data.source: "ruler:..."`.
-
-  Example i draws (from its own seed): LM with probability `lm_fraction` (a stdlib window of
-  the length, text only), else a task uniformly from `tasks`; a length uniformly from
-  [min_length, max_length] whose upper end ramps up over the first `length_ramp` examples;
-  a needle count uniformly from [min_needles, max_needles] (None: the task's default).
-  Examples before `task_warmup` draw their task from `warmup_tasks` instead (a curriculum:
-  the simplest lookup first, so the copy mechanism forms before the harder tasks share the
-  gradient; like the ramp it runs over indices, so it needs an unshuffled iterator).
-  """
-
-  tasks: tuple[str, ...] = RETRIEVAL_TASKS
-  min_length: int = 128
-  max_length: int = 1024
-  length_ramp: int = 0
-  warmup_tasks: tuple[str, ...] = ()
-  task_warmup: int = 0
-  warmup_repeats: int = 0         # needle_repeats of the examples before task_warmup
-  warmup_haystack: str | None = None  # haystack of the examples before task_warmup; None: base's
-  lm_fraction: float = 0.0
-  min_needles: int | None = None
-  max_needles: int | None = None
-  base: RulerConfig = RulerConfig()
-
-  def __post_init__(self):
-    for t in self.tasks + self.warmup_tasks:
-      if t not in TASKS:
-        raise ValueError(f"unknown task {t!r}: expected some of {TASKS}")
-    if self.task_warmup and not self.warmup_tasks:
-      raise ValueError("task_warmup needs warmup_tasks")
-    if self.warmup_haystack is not None and self.warmup_haystack not in HAYSTACKS:
-      raise ValueError(f"warmup_haystack={self.warmup_haystack!r}: expected one of {HAYSTACKS}")
-    if not 16 <= self.min_length <= self.max_length:
-      raise ValueError(f"need 16 <= min_length ({self.min_length}) <= max_length "
-                       f"({self.max_length})")
-    if not 0.0 <= self.lm_fraction <= 1.0 or (not self.tasks and self.lm_fraction < 1):
-      raise ValueError("lm_fraction must be in [0, 1] (1 when no tasks are given)")
-
-  def example(self, tokenizer, split: str, index: int, root=None, limit=None) -> dict:
-    rng = random.Random(split_seed(self.base.seed, split, "mix", index))
-    top = self.max_length
-    if self.length_ramp:
-      top = round(self.min_length + min(1.0, index / self.length_ramp) *
-                  (self.max_length - self.min_length))
-    length = rng.randint(self.min_length, top)
-    if rng.random() < self.lm_fraction or not self.tasks:
-      hay = _haystack("stdlib", self.base.haystack_split or split, root, limit)
-      start = hay.start(rng)
-      text, _ = _fit(tokenizer, lambda h: "".join(hay.lines(start, h)), length, length // 8)
-      return {"task": "lm", "text": text, "prompt": text, "response": "", "answers": []}
-    # one draw either way: the examples after the warm-up are those of a mix without it
-    task = rng.choice(self.warmup_tasks if index < self.task_warmup else self.tasks)
-    needles = None
-    if self.min_needles is not None and task.startswith("niah"):
-      needles = rng.randint(self.min_needles, self.max_needles or self.min_needles)
-      if task == "niah_multiquery":
-        needles = max(needles, self.base.num_queries)
-    config = dataclasses.replace(self.base, task=task, length=length, num_needles=needles)
-    if index < self.task_warmup and self.warmup_haystack is not None:
-      # a memorisable filler (noise) costs almost no loss once learned, so the LM loss of a
-      # warm-up context sits on its needles (the embedded world's recall corpus learned its
-      # lookup with such distractors, not with random ones)
-      config = dataclasses.replace(config, haystack=self.warmup_haystack)
-    if index < self.task_warmup and self.warmup_repeats and needles:
-      # as many copies as fit with room for the question (64 tokens) and some haystack
-      per_line = _count(tokenizer, _niah_line(" " + KEY_WORDS[0], " " + VALUE_NUMBERS[0]))
-      fit = (length - 64) // (per_line * needles) - 1
-      config = dataclasses.replace(config, needle_repeats=max(0, min(self.warmup_repeats, fit)))
-    return generate_example(config, tokenizer, split, rng.randrange(1 << 62), root=root,
-                            limit=limit)
-
-
-class RulerSource:
-  """Random-access source of `size` examples of one split (like tfds.data_source)."""
-
-  def __init__(self, mix: RulerMix, tokenizer, split: str = "train", size: int = 1_000_000,
-               root: str | None = None, limit: int | None = None):
-    if size < 1:
-      raise ValueError(f"size must be >= 1, got {size}")
-    self.mix, self.tokenizer, self.split, self.size = mix, tokenizer, split, int(size)
-    self.root, self.limit = root, limit
-
-  def __len__(self) -> int:
-    return self.size
-
-  def __getitem__(self, index) -> dict:
-    i = index.__index__()
-    if i < 0:
-      i += self.size
-    if not 0 <= i < self.size:
-      raise IndexError(f"index {index} out of range for RulerSource of size {self.size}")
-    ex = self.mix.example(self.tokenizer, self.split, i, self.root, self.limit)
-    return {k: ex[k] for k in ("task", "text", "prompt", "response")}
-
-  def __getitems__(self, indices) -> list[dict]:
-    return [self[i] for i in indices]
-
-  def __repr__(self) -> str:
-    return f"RulerSource({self.mix}, split={self.split!r}, size={self.size})"
-
-
-SIZES = {"train": 1_000_000, "validation": 2_000, "test": 2_000}
-_MIX_FIELDS = {f.name: f for f in dataclasses.fields(RulerMix)}
-_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RulerConfig)}
-
-
-def _typed(key: str, value: str, kind):
-  kind = str(kind)
-  try:
-    if "float" in kind:
-      return None if value.lower() == "none" else float(value)
-    if "int" in kind:
-      return None if value.lower() == "none" else int(value)
-  except ValueError:
-    raise ValueError(f"ruler option {key} needs a number, got {value!r}") from None
-  return value
-
-
-def parse_spec(spec: str) -> tuple[RulerMix, str, int | None]:
-  """`ruler:tasks=niah_multikey+vt,min_length=128,max_length=1024,lm_fraction=0.3,
-  num_queries=2,...` -> (RulerMix, tokenizer spec, size or None). Keys: RulerMix fields
-  (tasks joined by '+'), RulerConfig fields (but task/length), `tokenizer` (default
-  stdlib_bpe:2048) and `size`."""
-  options = spec.split(":", 1)[1] if ":" in spec else ""
-  mix, base = {}, {}
-  tokenizer, size = "stdlib_bpe:2048", None
-  for item in filter(None, (s.strip() for s in options.split(","))):
-    key, sep, value = item.partition("=")
-    key, value = key.strip(), value.strip()
-    if not sep:
-      raise ValueError(f"bad ruler option {item!r}: use key=value")
-    if key == "tokenizer":
-      tokenizer = value
-    elif key == "size":
-      size = int(value)
-    elif key in ("tasks", "warmup_tasks"):
-      mix[key] = tuple(t for t in value.split("+") if t)
-    elif key in _MIX_FIELDS and key != "base":
-      mix[key] = _typed(key, value, _MIX_FIELDS[key].type)
-    elif key in _CONFIG_FIELDS and key not in ("task", "length"):
-      base[key] = _typed(key, value, _CONFIG_FIELDS[key].type)
-    else:
-      raise ValueError(f"unknown ruler option {key!r}: use {sorted(set(_MIX_FIELDS) - {'base'})}"
-                       f", {sorted(set(_CONFIG_FIELDS) - {'task', 'length'})}, tokenizer, size")
-  return RulerMix(base=RulerConfig(**base), **mix), tokenizer, size
-
-
-def open_spec(spec: str, split: str):
-  """`open_source("ruler:...")`, and `open_source("stdlib")` (whole files of a split)."""
-  name = spec.split(":", 1)[0].strip()
-  if name == "stdlib":
-    from ag_jax.data.stdlib import StdlibSource  # pylint: disable=g-import-not-at-top
-    return StdlibSource(split)
-  from ag_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-  mix, tok_spec, size = parse_spec(spec)
-  return RulerSource(mix, load_tokenizer(tok_spec), split,
-                     size or SIZES.get(split, SIZES["validation"]))

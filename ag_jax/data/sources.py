@@ -11,7 +11,7 @@ Specs understood by `open_source`:
                                           ... with RecallConfig fields and `size` set
   "ruler:tasks=niah_multikey+vt,max_length=1024,lm_fraction=0.3"
                                           the RULER-style suite mixed with stdlib LM
-                                          (ag_jax.data.ruler.parse_spec); "stdlib": files
+                                          (ag_jax.data.ruler_mix.parse_spec); "stdlib": files
   "c4/en:3.1.0", "piqa", "my_corpus"      a TFDS data set prepared under data_dir, in
                                           array_record format (or parquet)
 """
@@ -72,9 +72,9 @@ def _open_recall(spec: str, split: str) -> recall.RecallSource:
 
 
 def _open_ruler(spec: str, split: str):
-  from ag_jax.data import ruler  # pylint: disable=g-import-not-at-top
+  from ag_jax.data import ruler_mix  # pylint: disable=g-import-not-at-top
   try:
-    return ruler.open_spec(spec, split)
+    return ruler_mix.open_spec(spec, split)
   except ValueError as e:
     raise DataError(f"bad {spec.split(':')[0]} spec {spec!r}: {e}") from None
 

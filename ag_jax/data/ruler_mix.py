@@ -1,0 +1,259 @@
+"""The RULER suite as a training source: a curriculum over example indices, for `train.py`
+through `data.source: "ruler:..."` (configs/train/ruler_base.yaml).
+
+Why a curriculum. A tiny model trained on the suite alone learns which values occur in the
+context (an in-context unigram) and stays there: the key lookup needs an induction copy
+(a previous-token head composed with a content match), and that circuit forms only after a
+plateau. Probes (the recipe's header) found it forms reliably on short *copy rows*, random
+key/value-pool tokens "filler x filler x" at random offsets, with the lr held high through
+the plateau (~750-825 steps of 64 rows of 49 tokens), and then carries over to longer rows
+when their length grows gradually. So the mix runs, over example indices:
+
+  [0, copy_warmup)       copy rows of up to `copy_length` tokens;
+  then                   the suite (with `copy_share` copy rows and `drill_share` lookup
+                         drills mixed in), lengths ramping up over `length_ramp` examples,
+                         tasks from `warmup_tasks` for the first `task_warmup` of them.
+
+Stages run over indices, so the data iterator must not shuffle (data.shuffle: false).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from ag_jax.data import ruler
+from ag_jax.data.ruler import (HAYSTACKS, KEY_WORDS, RETRIEVAL_TASKS, TASKS, VALUE_NUMBERS,
+                               RulerConfig)
+
+TRAINING_TASKS = ("copy", "drill")  # warm-up rows; never evaluated (no question)
+_POOL = tuple(" " + w for w in KEY_WORDS + VALUE_NUMBERS)  # single tokens of the stdlib BPE
+MIN_COPY_LENGTH = 20
+
+
+def copy_example(rng: random.Random, length: int) -> dict:
+  """A content-matched copy row of at most `length` tokens (BOS included, EOS not): BOS,
+  filler, a span x of 8..min(length // 3, 64) pool tokens, filler, x again; both filler
+  lengths random, so only a content match (not a fixed offset) predicts the second x. prompt ends with x's first token
+  again; response is the rest of x (the targets a copy predicts; the filler is noise)."""
+  if length < MIN_COPY_LENGTH:
+    raise ValueError(f"copy rows need length >= {MIN_COPY_LENGTH}, got {length}")
+  span = rng.randint(8, max(8, min(length // 3, 64)))
+  gaps = length - 1 - 2 * span
+  first = rng.randint(0, gaps)
+  second = rng.randint(0, gaps - first)
+  draw = lambda n: [rng.choice(_POOL) for _ in range(n)]
+  x = draw(span)
+  prompt = "".join(draw(first) + x + draw(second) + x[:1])
+  response = "".join(x[1:])
+  return {"task": "copy", "text": prompt + response, "prompt": prompt, "response": response,
+          "answers": [], "length": 1 + first + second + 2 * span}
+
+
+def drill_example(rng: random.Random, length: int, needles: int) -> dict:
+  """A lookup drill of <= `length` tokens (BOS included), no haystack: `needles` needle lines
+  "One of the magic numbers for KEY is V.", then the same lines again in random order until
+  the length is reached. Every repeated line's value is a target only the key lookup
+  predicts (the suite's needle format, many targets per row where a question gives one)."""
+  keys = rng.sample(KEY_WORDS, needles)
+  values = [rng.choice(VALUE_NUMBERS) for _ in keys]
+  lines = [ruler.niah_line(" " + k, " " + v) for k, v in zip(keys, values)]
+  # ~12 tokens per line with the stdlib BPE; the caller's tokenizer trims below
+  text = "".join(lines) + "".join(rng.choice(lines) for _ in range(max(1, length // 12)))
+  return {"task": "drill", "text": text, "prompt": text, "response": "", "answers": [],
+          "lines": lines}
+
+
+@dataclasses.dataclass(frozen=True)
+class RulerMix:
+  """A random-access curriculum (see the module docstring).
+
+  Past the copy warm-up, example i draws (from its own seed): a copy row with probability
+  `copy_share`, a drill with `drill_share`, LM with `lm_fraction` (a stdlib window of the
+  length, text only), else a task uniformly from `tasks`; a length uniformly from
+  [min_length, max_length] whose upper end ramps up over the first `length_ramp` examples;
+  a needle count uniformly from [min_needles, max_needles] (None: the task's default).
+  The first `task_warmup` examples draw their task from `warmup_tasks` instead, with
+  `warmup_repeats` extra copies of each needle line and `warmup_haystack`. Ramp and task
+  warm-up count from the end of the copy warm-up.
+  """
+
+  tasks: tuple[str, ...] = RETRIEVAL_TASKS
+  min_length: int = 128
+  max_length: int = 1024
+  length_ramp: int = 0
+  copy_warmup: int = 0            # examples of copy rows first
+  copy_length: int = 49           # tokens per warm-up copy row (BOS included), at most
+  copy_share: float = 0.0         # share of copy rows after the copy warm-up
+  drill_share: float = 0.0        # share of lookup drills after the copy warm-up
+  warmup_tasks: tuple[str, ...] = ()
+  task_warmup: int = 0
+  warmup_repeats: int = 0         # needle_repeats of the task warm-up's examples
+  warmup_haystack: str | None = None  # haystack of the task warm-up; None: base's
+  lm_fraction: float = 0.0
+  min_needles: int | None = None
+  max_needles: int | None = None
+  base: RulerConfig = RulerConfig()
+
+  def __post_init__(self):
+    for t in self.tasks + self.warmup_tasks:
+      if t not in TASKS:
+        raise ValueError(f"unknown task {t!r}: expected some of {TASKS}")
+    if self.task_warmup and not self.warmup_tasks:
+      raise ValueError("task_warmup needs warmup_tasks")
+    if self.warmup_haystack is not None and self.warmup_haystack not in HAYSTACKS:
+      raise ValueError(f"warmup_haystack={self.warmup_haystack!r}: expected one of {HAYSTACKS}")
+    if not 16 <= self.min_length <= self.max_length:
+      raise ValueError(f"need 16 <= min_length ({self.min_length}) <= max_length "
+                       f"({self.max_length})")
+    if self.copy_warmup < 0 or self.copy_length < MIN_COPY_LENGTH:
+      raise ValueError(f"need copy_warmup >= 0 and copy_length >= {MIN_COPY_LENGTH}")
+    shares = (self.copy_share, self.drill_share, self.lm_fraction)
+    if min(shares) < 0.0 or sum(shares) > 1.0:
+      raise ValueError(f"copy_share, drill_share and lm_fraction must be >= 0 with a sum <= 1, "
+                       f"got {shares}")
+    if not self.tasks and sum(shares) < 1.0:
+      raise ValueError("with no tasks, copy_share + drill_share + lm_fraction must be 1")
+
+  def example(self, tokenizer, split: str, index: int, root=None, limit=None) -> dict:
+    rng = random.Random(ruler.split_seed(self.base.seed, split, "mix", index))
+    if index < self.copy_warmup:
+      return copy_example(rng, self.copy_length)
+    index -= self.copy_warmup
+    top = self.max_length
+    if self.length_ramp:
+      top = round(self.min_length + min(1.0, index / self.length_ramp) *
+                  (self.max_length - self.min_length))
+    length = rng.randint(self.min_length, top)
+    draw = rng.random()
+    if draw < self.copy_share:
+      return copy_example(rng, max(MIN_COPY_LENGTH, length))
+    draw -= self.copy_share
+    if draw < self.drill_share:
+      return _fit_drill(tokenizer, rng, length, self.min_needles or 4, self.max_needles or 8)
+    draw -= self.drill_share
+    if draw < self.lm_fraction or not self.tasks:
+      hay = ruler.open_haystack("stdlib", self.base.haystack_split or split, root, limit)
+      start = hay.start(rng)
+      text, _ = ruler.fit_lines(tokenizer, lambda h: "".join(hay.lines(start, h)), length,
+                           length // 8)
+      return {"task": "lm", "text": text, "prompt": text, "response": "", "answers": []}
+    warm = index < self.task_warmup
+    task = rng.choice(self.warmup_tasks if warm else self.tasks)
+    needles = None
+    if self.min_needles is not None and task.startswith("niah"):
+      needles = rng.randint(self.min_needles, self.max_needles or self.min_needles)
+      if task == "niah_multiquery":
+        needles = max(needles, self.base.num_queries)
+    config = dataclasses.replace(self.base, task=task, length=length, num_needles=needles)
+    if warm and self.warmup_haystack is not None:
+      # a memorisable filler (noise) costs almost no loss once learned, so the LM loss of a
+      # warm-up context sits on its needles
+      config = dataclasses.replace(config, haystack=self.warmup_haystack)
+    if warm and self.warmup_repeats and needles:
+      # as many copies as fit with room for the question (64 tokens) and some haystack
+      per_line = ruler.count_tokens(tokenizer, ruler.niah_line(" " + KEY_WORDS[0],
+                                                          " " + VALUE_NUMBERS[0]))
+      fit = (length - 64) // (per_line * needles) - 1
+      config = dataclasses.replace(config, needle_repeats=max(0, min(self.warmup_repeats, fit)))
+    return ruler.generate_example(config, tokenizer, split, rng.randrange(1 << 62), root=root,
+                                  limit=limit)
+
+
+def _fit_drill(tokenizer, rng, length, lo, hi) -> dict:
+  """A drill trimmed to whole lines within `length` tokens (BOS included)."""
+  needles = rng.randint(lo, hi)
+  ex = drill_example(rng, length, needles)
+  lines = ex["text"].splitlines(keepends=True)
+  per_line = max(1, ruler.count_tokens(tokenizer, lines[0]) - 1)
+  keep = max(needles + 1, min(len(lines), (length - 1) // per_line))
+  while keep > needles + 1 and ruler.count_tokens(tokenizer, "".join(lines[:keep])) > length:
+    keep -= 1
+  text = "".join(lines[:keep])
+  return {**ex, "text": text, "prompt": text, "length": ruler.count_tokens(tokenizer, text)}
+
+
+class RulerSource:
+  """Random-access source of `size` examples of one split (like tfds.data_source)."""
+
+  def __init__(self, mix: RulerMix, tokenizer, split: str = "train", size: int = 1_000_000,
+               root: str | None = None, limit: int | None = None):
+    if size < 1:
+      raise ValueError(f"size must be >= 1, got {size}")
+    self.mix, self.tokenizer, self.split, self.size = mix, tokenizer, split, int(size)
+    self.root, self.limit = root, limit
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index) -> dict:
+    i = index.__index__()
+    if i < 0:
+      i += self.size
+    if not 0 <= i < self.size:
+      raise IndexError(f"index {index} out of range for RulerSource of size {self.size}")
+    ex = self.mix.example(self.tokenizer, self.split, i, self.root, self.limit)
+    return {k: ex[k] for k in ("task", "text", "prompt", "response")}
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [self[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return f"RulerSource({self.mix}, split={self.split!r}, size={self.size})"
+
+
+SIZES = {"train": 1_000_000, "validation": 2_000, "test": 2_000}
+_MIX_FIELDS = {f.name: f for f in dataclasses.fields(RulerMix)}
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RulerConfig)}
+
+
+def _typed(key: str, value: str, kind):
+  kind = str(kind)
+  try:
+    if "float" in kind:
+      return None if value.lower() == "none" else float(value)
+    if "int" in kind:
+      return None if value.lower() == "none" else int(value)
+  except ValueError:
+    raise ValueError(f"ruler option {key} needs a number, got {value!r}") from None
+  return value
+
+
+def parse_spec(spec: str) -> tuple[RulerMix, str, int | None]:
+  """`ruler:tasks=niah_multikey+vt,min_length=128,max_length=1024,copy_warmup=57600,...`
+  -> (RulerMix, tokenizer spec, size or None). Keys: RulerMix fields (tasks joined by '+'),
+  RulerConfig fields (but task/length), `tokenizer` (default stdlib_bpe:2048) and `size`."""
+  options = spec.split(":", 1)[1] if ":" in spec else ""
+  mix, base = {}, {}
+  tokenizer, size = "stdlib_bpe:2048", None
+  for item in filter(None, (s.strip() for s in options.split(","))):
+    key, sep, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep:
+      raise ValueError(f"bad ruler option {item!r}: use key=value")
+    if key == "tokenizer":
+      tokenizer = value
+    elif key == "size":
+      size = int(value)
+    elif key in ("tasks", "warmup_tasks"):
+      mix[key] = tuple(t for t in value.split("+") if t)
+    elif key in _MIX_FIELDS and key != "base":
+      mix[key] = _typed(key, value, _MIX_FIELDS[key].type)
+    elif key in _CONFIG_FIELDS and key not in ("task", "length"):
+      base[key] = _typed(key, value, _CONFIG_FIELDS[key].type)
+    else:
+      raise ValueError(f"unknown ruler option {key!r}: use {sorted(set(_MIX_FIELDS) - {'base'})}"
+                       f", {sorted(set(_CONFIG_FIELDS) - {'task', 'length'})}, tokenizer, size")
+  return RulerMix(base=RulerConfig(**base), **mix), tokenizer, size
+
+
+def open_spec(spec: str, split: str):
+  """`open_source("ruler:...")`, and `open_source("stdlib")` (whole files of a split)."""
+  name = spec.split(":", 1)[0].strip()
+  if name == "stdlib":
+    from ag_jax.data.stdlib import StdlibSource  # pylint: disable=g-import-not-at-top
+    return StdlibSource(split)
+  from ag_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  mix, tok_spec, size = parse_spec(spec)
+  return RulerSource(mix, load_tokenizer(tok_spec), split,
+                     size or SIZES.get(split, SIZES["validation"]))
