@@ -119,3 +119,19 @@ def test_backward_program_holds_no_score_matrix(policy):
   grad = jax.jit(jax.grad(lambda *a: jnp.sum(attn(*a)), argnums=(0, 1, 2, 3)))
   temp = grad.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
   assert temp < t * t * 4 / 4, temp
+
+
+def test_default_blocks_are_balanced_and_exact():
+  """Past the largest block, the default blocks split T evenly (T = 520: two blocks of 264,
+  not 512 + a padded 512), and the result is still the dense statement's."""
+  from pallas_kernels.gated_attention import DEFAULT_BLOCK_Q, _balanced_block
+  assert _balanced_block(520, DEFAULT_BLOCK_Q) == 264
+  assert _balanced_block(1088, 512) == 368 and _balanced_block(4096, 512) == 512
+  assert all(_balanced_block(n, 512) % 8 == 0 and
+             -(-n // _balanced_block(n, 512)) == -(-n // 512) for n in range(1, 3000, 7))
+  q, k, v, pos, seg, prob = _inputs(5, 1, 520, 520, 1, 1, 8, packed=True)
+  weights = jnp.asarray(np.random.default_rng(6).normal(size=q.shape), jnp.float32)
+  got = _value_and_grads(gated_attention, q, k, v, pos, pos, seg, seg, prob, weights,
+                         backend="reference")
+  want = _value_and_grads(gated_attention_dense, q, k, v, pos, pos, seg, seg, prob, weights)
+  _assert_close(got, want)

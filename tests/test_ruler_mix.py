@@ -142,6 +142,8 @@ def test_copy_rows_repeat_a_span_at_random_offsets(tok):
     assert hits, "the copied span occurs earlier in the row"
     starts.add(hits[0])
   assert len(starts) > 5  # offsets vary: no positional rule predicts the copy
+  small = ruler_mix.copy_example(rng, 97, alphabet=4)
+  assert len(set(small["text"].split())) <= 4
   with pytest.raises(ValueError, match="copy rows need length"):
     ruler_mix.copy_example(rng, 10)
 
@@ -173,5 +175,9 @@ def test_shares_mix_copies_and_drills_into_the_suite(tok):
       assert len(tok.encode(ex["text"], add_bos=True)) <= 160
       taught = set(ex["lines"])
       assert len(taught) >= 2 and set(lines) <= taught and len(lines) > len(taught)
+  mix, _, _ = ruler_mix.parse_spec("ruler:copy_share=1,copy_alphabets=0+4")
+  assert mix.copy_alphabets == (0, 4)
+  with pytest.raises(ValueError, match="copy_alphabets"):
+    ruler_mix.RulerMix(copy_alphabets=(1,))
   with pytest.raises(ValueError, match="sum <= 1"):
     ruler_mix.RulerMix(copy_share=0.7, drill_share=0.5)

@@ -10,9 +10,11 @@ the plateau (~750-825 steps of 64 rows of 49 tokens), and then carries over to l
 when their length grows gradually. So the mix runs, over example indices:
 
   [0, copy_warmup)       copy rows of up to `copy_length` tokens;
-  then                   the suite (with `copy_share` copy rows and `drill_share` lookup
-                         drills mixed in), lengths ramping up over `length_ramp` examples,
-                         tasks from `warmup_tasks` for the first `task_warmup` of them.
+  then                   the suite (with `copy_share` copy rows, some over small
+                         alphabets (`copy_alphabets`, which teach the two-token match a
+                         needle lookup needs), and `drill_share` lookup drills mixed in),
+                         lengths ramping up over `length_ramp` examples, tasks from
+                         `warmup_tasks` for the first `task_warmup` of them.
 
 Stages run over indices, so the data iterator must not shuffle (data.shuffle: false).
 """
@@ -31,10 +33,13 @@ _POOL = tuple(" " + w for w in KEY_WORDS + VALUE_NUMBERS)  # single tokens of th
 MIN_COPY_LENGTH = 20
 
 
-def copy_example(rng: random.Random, length: int) -> dict:
+def copy_example(rng: random.Random, length: int, alphabet: int = 0) -> dict:
   """A content-matched copy row of at most `length` tokens (BOS included, EOS not): BOS,
   filler, a span x of 8..min(length // 3, 64) pool tokens, filler, x again; both filler
-  lengths random, so only a content match (not a fixed offset) predicts the second x. prompt ends with x's first token
+  lengths random, so only a content match (not a fixed offset) predicts the second x.
+  `alphabet` k > 0 draws the row from k pool tokens only: a token then recurs within x, so
+  matching the previous token alone is ambiguous and the copy must match the last two or
+  three (the match a needle lookup "for KEY is" -> VALUE needs). prompt ends with x's first token
   again; response is the rest of x (the targets a copy predicts; the filler is noise)."""
   if length < MIN_COPY_LENGTH:
     raise ValueError(f"copy rows need length >= {MIN_COPY_LENGTH}, got {length}")
@@ -42,7 +47,8 @@ def copy_example(rng: random.Random, length: int) -> dict:
   gaps = length - 1 - 2 * span
   first = rng.randint(0, gaps)
   second = rng.randint(0, gaps - first)
-  draw = lambda n: [rng.choice(_POOL) for _ in range(n)]
+  pool = rng.sample(_POOL, alphabet) if alphabet else _POOL
+  draw = lambda n: [rng.choice(pool) for _ in range(n)]
   x = draw(span)
   prompt = "".join(draw(first) + x + draw(second) + x[:1])
   response = "".join(x[1:])
@@ -85,6 +91,8 @@ class RulerMix:
   copy_warmup: int = 0            # examples of copy rows first
   copy_length: int = 49           # tokens per warm-up copy row (BOS included), at most
   copy_share: float = 0.0         # share of copy rows after the copy warm-up
+  copy_alphabets: tuple[int, ...] = (0,)  # after the warm-up a copy row draws its alphabet
+                                          # size from these (0: the whole pool)
   drill_share: float = 0.0        # share of lookup drills after the copy warm-up
   warmup_tasks: tuple[str, ...] = ()
   task_warmup: int = 0
@@ -108,6 +116,10 @@ class RulerMix:
                        f"({self.max_length})")
     if self.copy_warmup < 0 or self.copy_length < MIN_COPY_LENGTH:
       raise ValueError(f"need copy_warmup >= 0 and copy_length >= {MIN_COPY_LENGTH}")
+    if not self.copy_alphabets or any(k != 0 and not 2 <= k <= len(_POOL)
+                                      for k in self.copy_alphabets):
+      raise ValueError(f"copy_alphabets: sizes 0 (the whole pool) or 2..{len(_POOL)}, got "
+                       f"{self.copy_alphabets}")
     shares = (self.copy_share, self.drill_share, self.lm_fraction)
     if min(shares) < 0.0 or sum(shares) > 1.0:
       raise ValueError(f"copy_share, drill_share and lm_fraction must be >= 0 with a sum <= 1, "
@@ -127,7 +139,7 @@ class RulerMix:
     length = rng.randint(self.min_length, top)
     draw = rng.random()
     if draw < self.copy_share:
-      return copy_example(rng, max(MIN_COPY_LENGTH, length))
+      return copy_example(rng, max(MIN_COPY_LENGTH, length), rng.choice(self.copy_alphabets))
     draw -= self.copy_share
     if draw < self.drill_share:
       return _fit_drill(tokenizer, rng, length, self.min_needles or 4, self.max_needles or 8)
@@ -237,6 +249,8 @@ def parse_spec(spec: str) -> tuple[RulerMix, str, int | None]:
       size = int(value)
     elif key in ("tasks", "warmup_tasks"):
       mix[key] = tuple(t for t in value.split("+") if t)
+    elif key == "copy_alphabets":
+      mix[key] = tuple(_typed(key, t, int) for t in value.split("+") if t)
     elif key in _MIX_FIELDS and key != "base":
       mix[key] = _typed(key, value, _MIX_FIELDS[key].type)
     elif key in _CONFIG_FIELDS and key not in ("task", "length"):
