@@ -27,7 +27,9 @@ LM documents are `[bos] + text + [eos]`; SFT examples are `[bos] + prompt` follo
 way too (prompt and response apart, all of it trained), and its response tokens (EOS
 included) weigh W as targets: in the RULER mix the answers are ~2% of the tokens, and this
 concentrates the loss on the lookup without dropping the language modelling. `lm_loss`
-divides by the weight sum, so W = 1 is exactly the unweighted mean.
+divides by the weight sum, so W = 1 is exactly the unweighted mean. A document may also
+carry a `prompt_weight` (the RULER mix's copy rows: 0, their filler is random tokens that no
+model can predict, and its gradient is only noise); it weighs the prompt tokens as targets.
 """
 
 from __future__ import annotations
@@ -72,15 +74,17 @@ def tokenize_weighted(example: dict, tokenizer, *, sft: bool = False,
   """(token ids int32 [n], num_prompt, weights float32 [n] or None): weights[i] is token i's
   weight as a target (None: all 1, `tokenize_example` exactly). With response_weight != 1,
   the response tokens (and the EOS after them) weigh response_weight; documents without a
-  response (plain LM text) stay unweighted."""
+  response (plain LM text) stay unweighted. An example's "prompt_weight" (default 1) weighs
+  its prompt tokens."""
   fields = dict(text_field=text_field, prompt_field=prompt_field, response_field=response_field)
-  if response_weight == 1.0:
+  prompt_weight = float(example.get("prompt_weight", 1.0))
+  if response_weight == 1.0 and prompt_weight == 1.0:
     return (*tokenize_example(example, tokenizer, sft=sft, **fields), None)
   if not sft and not (prompt_field in example and _as_str(example.get(response_field, ""))):
     return (*tokenize_example(example, tokenizer, sft=False, **fields), None)
   # Prompt and response apart (the SFT tokenization), so the response's first token is known.
   ids, num_response_start = tokenize_example(example, tokenizer, sft=True, **fields)
-  weights = np.ones(len(ids), np.float32)
+  weights = np.full(len(ids), prompt_weight, np.float32)
   weights[num_response_start:] = response_weight
   return ids, (num_response_start if sft else 0), weights
 
