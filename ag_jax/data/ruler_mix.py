@@ -28,7 +28,6 @@ from ag_jax.data import ruler
 from ag_jax.data.ruler import (HAYSTACKS, KEY_WORDS, RETRIEVAL_TASKS, TASKS, VALUE_NUMBERS,
                                RulerConfig)
 
-TRAINING_TASKS = ("copy", "drill")  # warm-up rows; never evaluated (no question)
 _POOL = tuple(" " + w for w in KEY_WORDS + VALUE_NUMBERS)  # single tokens of the stdlib BPE
 MIN_COPY_LENGTH = 20
 
