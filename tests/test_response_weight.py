@@ -126,11 +126,12 @@ def jax_log_softmax(x):
 
 @pytest.mark.parametrize("response_weight", [1.0, 5.0])
 def test_prompt_weight_zero_trains_only_the_response(response_weight):
-  doc = {"text": "abcabc", "prompt": "abca", "response": "bc", "prompt_weight": 0.0}
+  doc = {"text": "abcabc", "prompt": "abca", "response": "bc", "prompt_weight": 0.0,
+         "eos_weight": 0.0}
   (row,) = _rows([doc, DOCS[0]], 32, response_weight=response_weight)
   seg, mask = row["segment_ids"], row["loss_mask"]
   first = mask[seg == 1]  # targets of the copy document: "bca" then "bc" + eos
   np.testing.assert_array_equal(first[:4], 0.0)  # the prompt tokens as targets
-  np.testing.assert_array_equal(first[4:7], response_weight)  # b, c, eos
-  assert first[7] == 0.0  # the segment's last token predicts nothing
+  np.testing.assert_array_equal(first[4:6], response_weight)  # b, c
+  assert first[6] == 0.0 and first[7] == 0.0  # the EOS as target; the last token predicts nothing
   assert mask[seg == 2][0] == 1.0  # a document without prompt_weight keeps weight 1

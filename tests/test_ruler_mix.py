@@ -181,3 +181,15 @@ def test_shares_mix_copies_and_drills_into_the_suite(tok):
     ruler_mix.RulerMix(copy_alphabets=(1,))
   with pytest.raises(ValueError, match="sum <= 1"):
     ruler_mix.RulerMix(copy_share=0.7, drill_share=0.5)
+
+
+def test_copy_rows_train_only_the_copied_span(tok):
+  """Through the source and the packer: the filler and the EOS of a copy row weigh 0, the
+  copied span (after its first token) the response weight."""
+  from ag_jax.data.packing import tokenize_weighted
+  source = ruler_mix.RulerSource(ruler_mix.RulerMix(copy_warmup=4), tok, "train", size=8)
+  ex = source[0]
+  ids, _, weights = tokenize_weighted(ex, tok, response_weight=5.0)
+  span = len(tok.encode(ex["response"], add_bos=False))
+  np.testing.assert_array_equal(weights[-span - 1:-1], 5.0)
+  assert weights[-1] == 0.0 and not weights[:-span - 1].any()

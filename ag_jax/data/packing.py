@@ -29,7 +29,8 @@ included) weigh W as targets: in the RULER mix the answers are ~2% of the tokens
 concentrates the loss on the lookup without dropping the language modelling. `lm_loss`
 divides by the weight sum, so W = 1 is exactly the unweighted mean. A document may also
 carry a `prompt_weight` (the RULER mix's copy rows: 0, their filler is random tokens that no
-model can predict, and its gradient is only noise); it weighs the prompt tokens as targets.
+model can predict, and its gradient is only noise); it weighs the prompt tokens as targets;
+and an `eos_weight` for the EOS after its response (copy rows: 0, nothing announces the end).
 """
 
 from __future__ import annotations
@@ -75,10 +76,11 @@ def tokenize_weighted(example: dict, tokenizer, *, sft: bool = False,
   weight as a target (None: all 1, `tokenize_example` exactly). With response_weight != 1,
   the response tokens (and the EOS after them) weigh response_weight; documents without a
   response (plain LM text) stay unweighted. An example's "prompt_weight" (default 1) weighs
-  its prompt tokens."""
+  its prompt tokens, its "eos_weight" (default: the response's) the EOS after its response."""
   fields = dict(text_field=text_field, prompt_field=prompt_field, response_field=response_field)
   prompt_weight = float(example.get("prompt_weight", 1.0))
-  if response_weight == 1.0 and prompt_weight == 1.0:
+  eos_weight = example.get("eos_weight")
+  if response_weight == 1.0 and prompt_weight == 1.0 and eos_weight is None:
     return (*tokenize_example(example, tokenizer, sft=sft, **fields), None)
   if not sft and not (prompt_field in example and _as_str(example.get(response_field, ""))):
     return (*tokenize_example(example, tokenizer, sft=False, **fields), None)
@@ -86,6 +88,8 @@ def tokenize_weighted(example: dict, tokenizer, *, sft: bool = False,
   ids, num_response_start = tokenize_example(example, tokenizer, sft=True, **fields)
   weights = np.full(len(ids), prompt_weight, np.float32)
   weights[num_response_start:] = response_weight
+  if eos_weight is not None:
+    weights[-1] = float(eos_weight)  # the response's EOS
   return ids, (num_response_start if sft else 0), weights
 
 

@@ -53,7 +53,8 @@ def copy_example(rng: random.Random, length: int, alphabet: int = 0) -> dict:
   response = "".join(x[1:])
   return {"task": "copy", "text": prompt + response, "prompt": prompt, "response": response,
           "answers": [], "length": 1 + first + second + 2 * span,
-          "prompt_weight": 0.0}  # the filler is noise: only the copied span is a target
+          # the filler and the end are noise: only the copied span is a target
+          "prompt_weight": 0.0, "eos_weight": 0.0}
 
 
 def drill_example(rng: random.Random, length: int, needles: int) -> dict:
@@ -205,7 +206,8 @@ class RulerSource:
     if not 0 <= i < self.size:
       raise IndexError(f"index {index} out of range for RulerSource of size {self.size}")
     ex = self.mix.example(self.tokenizer, self.split, i, self.root, self.limit)
-    return {k: ex[k] for k in ("task", "text", "prompt", "response", "prompt_weight") if k in ex}
+    return {k: ex[k] for k in ("task", "text", "prompt", "response", "prompt_weight",
+                                 "eos_weight") if k in ex}
 
   def __getitems__(self, indices) -> list[dict]:
     return [self[i] for i in indices]
