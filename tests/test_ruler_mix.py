@@ -163,6 +163,22 @@ def test_copy_warmup_comes_first_then_the_mix_without_it(tok):
   assert all(ramped.example(tok, "train", i)["length"] <= 100 for i in range(50, 52))
 
 
+def test_alphabet_warmup_follows_the_copy_warmup(tok):
+  mix, _, _ = ruler_mix.parse_spec("ruler:tasks=niah_multikey,copy_warmup=3,alphabet_warmup=4,"
+                                   "alphabet_length=60,copy_alphabets=4,min_length=96,"
+                                   "max_length=128")
+  rows = [mix.example(tok, "train", i) for i in range(7)]
+  assert [r["task"] for r in rows] == ["copy"] * 7
+  assert all(len(set(r["text"].split())) > 4 for r in rows[:3])  # the whole pool
+  for r in rows[3:]:  # small alphabets, the stage's length
+    assert len(set(r["text"].split())) <= 4
+    assert len(tok.encode(r["text"], add_bos=True)) <= 60
+  plain = ruler_mix.RulerMix(tasks=mix.tasks, min_length=96, max_length=128)
+  assert mix.example(tok, "train", 7)["text"] == plain.example(tok, "train", 7)["text"]
+  with pytest.raises(ValueError, match="alphabet_length"):
+    ruler_mix.RulerMix(alphabet_length=10)
+
+
 def test_shares_mix_copies_and_drills_into_the_suite(tok):
   mix = ruler_mix.RulerMix(tasks=("niah_multikey",), min_length=96, max_length=160,
                            copy_share=0.3, drill_share=0.3, min_needles=2, max_needles=4)

@@ -10,6 +10,9 @@ the plateau (~750-825 steps of 64 rows of 49 tokens), and then carries over to l
 when their length grows gradually. So the mix runs, over example indices:
 
   [0, copy_warmup)       copy rows of up to `copy_length` tokens;
+  next alphabet_warmup   copy rows of up to `alphabet_length` tokens over `copy_alphabets`
+                         alone (the two-token match forms here, before the suite dilutes
+                         it: in the mix alone it did not, run 3 of the recipe);
   then                   the suite (with `copy_share` copy rows, some over small
                          alphabets (`copy_alphabets`, which teach the two-token match a
                          needle lookup needs), and `drill_share` lookup drills mixed in),
@@ -82,7 +85,7 @@ class RulerMix:
   a needle count uniformly from [min_needles, max_needles] (None: the task's default).
   The first `task_warmup` examples draw their task from `warmup_tasks` instead, with
   `warmup_repeats` extra copies of each needle line and `warmup_haystack`. Ramp and task
-  warm-up count from the end of the copy warm-up.
+  warm-up count from the end of the copy warm-ups.
   """
 
   tasks: tuple[str, ...] = RETRIEVAL_TASKS
@@ -91,7 +94,9 @@ class RulerMix:
   length_ramp: int = 0
   copy_warmup: int = 0            # examples of copy rows first
   copy_length: int = 49           # tokens per warm-up copy row (BOS included), at most
-  copy_share: float = 0.0         # share of copy rows after the copy warm-up
+  alphabet_warmup: int = 0        # examples of copy rows over `copy_alphabets` next
+  alphabet_length: int = 97       # tokens per such row (BOS included), at most
+  copy_share: float = 0.0         # share of copy rows after the copy warm-ups
   copy_alphabets: tuple[int, ...] = (0,)  # after the warm-up a copy row draws its alphabet
                                           # size from these (0: the whole pool)
   drill_share: float = 0.0        # share of lookup drills after the copy warm-up
@@ -115,8 +120,10 @@ class RulerMix:
     if not 16 <= self.min_length <= self.max_length:
       raise ValueError(f"need 16 <= min_length ({self.min_length}) <= max_length "
                        f"({self.max_length})")
-    if self.copy_warmup < 0 or self.copy_length < MIN_COPY_LENGTH:
-      raise ValueError(f"need copy_warmup >= 0 and copy_length >= {MIN_COPY_LENGTH}")
+    if (min(self.copy_warmup, self.alphabet_warmup) < 0
+        or min(self.copy_length, self.alphabet_length) < MIN_COPY_LENGTH):
+      raise ValueError(f"need copy_warmup, alphabet_warmup >= 0 and copy_length, "
+                       f"alphabet_length >= {MIN_COPY_LENGTH}")
     if not self.copy_alphabets or any(k != 0 and not 2 <= k <= len(_POOL)
                                       for k in self.copy_alphabets):
       raise ValueError(f"copy_alphabets: sizes 0 (the whole pool) or 2..{len(_POOL)}, got "
@@ -133,6 +140,9 @@ class RulerMix:
     if index < self.copy_warmup:
       return copy_example(rng, self.copy_length)
     index -= self.copy_warmup
+    if index < self.alphabet_warmup:
+      return copy_example(rng, self.alphabet_length, rng.choice(self.copy_alphabets))
+    index -= self.alphabet_warmup
     top = self.max_length
     if self.length_ramp:
       top = round(self.min_length + min(1.0, index / self.length_ramp) *
