@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 @dataclass
 class Prompt:
   text: str
-  answer: str | None = None
+  answer: str | list[str] | None = None  # one string (a prefix match) or answer items
   id: object = None                  # a prompts file's "id" (jsonl) or line number
   max_new_tokens: int | None = None  # a jsonl line's own limit (continuous batching)
 
@@ -187,8 +187,12 @@ def read_prompts(args) -> list[Prompt]:
                               f"{limit!r}")
         if isinstance(ident, bool) or not isinstance(ident, (int, str)):
           raise _config_error(f"{path}:{n}: id must be a string or an integer, got {ident!r}")
-        prompts.append(Prompt(row["prompt"], None if answer is None else str(answer), ident,
-                              limit))
+        if isinstance(answer, list) and not (answer and all(isinstance(a, str) for a in answer)):
+          raise _config_error(f"{path}:{n}: answer must be a string or a non-empty list of "
+                              f"strings (answer items), got {answer!r}")
+        if answer is not None and not isinstance(answer, list):
+          answer = str(answer)
+        prompts.append(Prompt(row["prompt"], answer, ident, limit))
     else:
       prompts += [Prompt(line, id=n) for n, line in enumerate(lines, 1) if line.strip()]
   seen = set()
@@ -359,12 +363,21 @@ def run(args) -> dict:
     for p, text in zip(batch, result.texts(tokenizer)):
       row = {"prompt": p.text, "generation": text}
       if p.answer is not None:
-        from ag_jax.data.recall import score_answer
-        row["answer"], row["correct"] = p.answer, bool(score_answer(text, p.answer))
+        row["answer"], row["correct"] = p.answer, score_generation(text, p.answer)
       rows.append(row)
   report = summarize(rows, stats, policy, tokenizer)
   report["summary"]["gates"] = args.gates or ("default world" if args.model is None else None)
   return report
+
+
+def score_generation(text: str, answer) -> bool:
+  """A hit: one answer string must start the generation (exact match, the recall world's
+  rule); a list of answer items must all occur in it (RULER's string_match_all, all items)."""
+  if isinstance(answer, str):
+    from ag_jax.data.recall import score_answer
+    return bool(score_answer(text, answer))
+  from ag_jax.data.ruler import score_items
+  return score_items(text, answer) == 1.0
 
 
 def summarize(rows, stats, policy, tokenizer) -> dict:

@@ -89,7 +89,7 @@ def run_file(args, model, variables, tokenizer, prompts, policy, sampling, max_n
   from tqdm import tqdm
 
   from ag_jax import serving
-  from ag_jax.data.recall import score_answer
+  from ag_jax.batch_decode import score_generation
 
   limits = [max_new if p.max_new_tokens is None else p.max_new_tokens for p in prompts]
   ids = [tokenizer.encode(p.text, add_bos=True) for p in prompts]
@@ -128,7 +128,7 @@ def run_file(args, model, variables, tokenizer, prompts, policy, sampling, max_n
       row = {"id": p.id, "prompt": p.text, "generation": text, "tokens": c.tokens,
              "kept": round(c.kept, 6), "stop": c.stop}
       if p.answer is not None:
-        row["answer"], row["correct"] = p.answer, bool(score_answer(text, p.answer))
+        row["answer"], row["correct"] = p.answer, score_generation(text, p.answer)
       row["run"] = run
       if out is not None:
         out.write((json.dumps(row) + "\n").encode("utf-8"))

@@ -85,6 +85,7 @@ def test_output_of_another_run_is_refused(micro, capsys):
     ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', "prompt id 1 appears twice"),
     ('{"prompt": "a", "max_new_tokens": 0}\n', "max_new_tokens must be a positive integer"),
     ('{"prompt": "a", "id": [1]}\n', "id must be a string or an integer"),
+    ('{"prompt": "a", "answer": [1, 2]}\n', "answer must be a string or a non-empty list"),
     ("\n\n", "holds no prompts"),
 ])
 def test_bad_prompt_files_are_refused_before_anything_is_written(micro, capsys, tmp_path,
@@ -119,3 +120,10 @@ def test_flags_that_need_a_prompts_file(micro, capsys):
     assert message in _error(capsys, code)
   code = batch_decode.main(["--model", preset, "--prompt", "x", "--prompts-file", micro[1]])
   assert "not both" in _error(capsys, code)
+
+
+def test_answers_score_by_prefix_or_by_all_items():
+  score = batch_decode.score_generation
+  assert score(" 40\n", " 40") and not score(" 41", " 40")        # one string: a prefix
+  assert score(" 85, 48, 25", [" 48", " 85", " 25"])               # items: all, any order
+  assert not score(" 85, 48", [" 48", " 85", " 25"])
