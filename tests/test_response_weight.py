@@ -135,3 +135,17 @@ def test_prompt_weight_zero_trains_only_the_response(response_weight):
   np.testing.assert_array_equal(first[4:6], response_weight)  # b, c
   assert first[6] == 0.0 and first[7] == 0.0  # the EOS as target; the last token predicts nothing
   assert mask[seg == 2][0] == 1.0  # a document without prompt_weight keeps weight 1
+
+
+def test_pieces_weigh_their_target_spans():
+  """A document with pieces: its tokens are the pieces' tokens; target pieces weigh the
+  response weight, the others its prompt_weight, the EOS its eos_weight."""
+  from ag_jax.data.packing import tokenize_weighted
+  from ag_jax.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  doc = {"text": "k=4;k=4", "pieces": [("k=4;k=", False), ("4", True)], "prompt_weight": 0.5,
+         "eos_weight": 0.0}
+  ids, num_prompt, weights = tokenize_weighted(doc, tok, response_weight=3.0)
+  assert list(ids) == tok.encode("k=4;k=4", add_bos=True, add_eos=True) and num_prompt == 0
+  np.testing.assert_array_equal(weights[1:7], 0.5)   # "k=4;k=" as targets
+  assert weights[7] == 3.0 and weights[8] == 0.0     # "4" (a lookup), then the EOS

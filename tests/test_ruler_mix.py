@@ -191,12 +191,22 @@ def test_shares_mix_copies_and_drills_into_the_suite(tok):
       assert len(tok.encode(ex["text"], add_bos=True)) <= 160
       taught = set(ex["lines"])
       assert len(taught) >= 2 and set(lines) <= taught and len(lines) > len(taught)
+      # the repeated lines' values, and nothing else, are targets
+      targets = [t for t, is_target in ex["pieces"] if is_target]
+      assert "".join(t for t, _ in ex["pieces"]) == ex["text"]
+      assert len(targets) == len(lines) - len(taught)
+      assert all(t.strip() in ex["values"] for t in targets)
   mix, _, _ = ruler_mix.parse_spec("ruler:copy_share=1,copy_alphabets=0+4")
   assert mix.copy_alphabets == (0, 4)
   with pytest.raises(ValueError, match="copy_alphabets"):
     ruler_mix.RulerMix(copy_alphabets=(1,))
   with pytest.raises(ValueError, match="sum <= 1"):
     ruler_mix.RulerMix(copy_share=0.7, drill_share=0.5)
+  light = ruler_mix.RulerMix(tasks=("niah_multikey",), min_length=96, max_length=160,
+                             context_weight=0.25)
+  ex = light.example(tok, "train", 0)
+  plain = ruler_mix.RulerMix(tasks=("niah_multikey",), min_length=96, max_length=160)
+  assert ex["prompt_weight"] == 0.25 and "prompt_weight" not in plain.example(tok, "train", 0)
 
 
 def test_copy_rows_train_only_the_copied_span(tok):

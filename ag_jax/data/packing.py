@@ -76,10 +76,23 @@ def tokenize_weighted(example: dict, tokenizer, *, sft: bool = False,
   weight as a target (None: all 1, `tokenize_example` exactly). With response_weight != 1,
   the response tokens (and the EOS after them) weigh response_weight; documents without a
   response (plain LM text) stay unweighted. An example's "prompt_weight" (default 1) weighs
-  its prompt tokens, its "eos_weight" (default: the response's) the EOS after its response."""
+  its prompt tokens, its "eos_weight" (default: the response's) the EOS after its response.
+  An example with "pieces", [(text, is_target), ...] whose texts join to its text, is
+  tokenized piece by piece (cut them at spaces, so the pieces give the text's tokens): target
+  pieces weigh response_weight, the rest prompt_weight (a drill has many targets where a
+  question has one)."""
   fields = dict(text_field=text_field, prompt_field=prompt_field, response_field=response_field)
   prompt_weight = float(example.get("prompt_weight", 1.0))
   eos_weight = example.get("eos_weight")
+  if example.get("pieces") and not sft:
+    ids, weights = [tokenizer.bos_id], [0.0]
+    for text, is_target in example["pieces"]:
+      piece = tokenizer.encode(_as_str(text), add_bos=False)
+      ids += piece
+      weights += [response_weight if is_target else prompt_weight] * len(piece)
+    ids.append(tokenizer.eos_id)
+    weights.append(prompt_weight if eos_weight is None else float(eos_weight))
+    return np.asarray(ids, np.int32), 0, np.asarray(weights, np.float32)
   if response_weight == 1.0 and prompt_weight == 1.0 and eos_weight is None:
     return (*tokenize_example(example, tokenizer, sft=sft, **fields), None)
   if not sft and not (prompt_field in example and _as_str(example.get(response_field, ""))):

@@ -64,14 +64,25 @@ def drill_example(rng: random.Random, length: int, needles: int) -> dict:
   """A lookup drill of <= `length` tokens (BOS included), no haystack: `needles` needle lines
   "One of the magic numbers for KEY is V.", then the same lines again in random order until
   the length is reached. Every repeated line's value is a target only the key lookup
-  predicts (the suite's needle format, many targets per row where a question gives one)."""
+  predicts (the suite's needle format, many targets per row where a question gives one);
+  `pieces` mark those values as targets (they weigh as answers do)."""
   keys = rng.sample(KEY_WORDS, needles)
   values = [rng.choice(VALUE_NUMBERS) for _ in keys]
   lines = [ruler.niah_line(" " + k, " " + v) for k, v in zip(keys, values)]
   # ~12 tokens per line with the stdlib BPE; the caller's tokenizer trims below
-  text = "".join(lines) + "".join(rng.choice(lines) for _ in range(max(1, length // 12)))
+  order = list(range(needles)) + [rng.randrange(needles) for _ in range(max(1, length // 12))]
+  return _drill(lines, values, order)
+
+
+def _drill(lines, values, order) -> dict:
+  pieces = [("".join(lines[i] for i in order[:len(lines)]), False)]
+  for i in order[len(lines):]:
+    head, _, tail = lines[i].rpartition(" " + values[i])
+    pieces += [(head, False), (" " + values[i], True), (tail, False)]
+  text = "".join(t for t, _ in pieces)
   return {"task": "drill", "text": text, "prompt": text, "response": "", "answers": [],
-          "lines": lines}
+          "lines": lines, "values": values, "order": order, "pieces": pieces,
+          "eos_weight": 0.0}  # a drill ends anywhere: its EOS is noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +111,9 @@ class RulerMix:
   copy_alphabets: tuple[int, ...] = (0,)  # after the warm-up a copy row draws its alphabet
                                           # size from these (0: the whole pool)
   drill_share: float = 0.0        # share of lookup drills after the copy warm-up
+  context_weight: float = 1.0     # loss weight of a task example's context and question (its
+                                  # answer weighs data.response_weight): below 1 the answers
+                                  # are a larger share of the loss
   warmup_tasks: tuple[str, ...] = ()
   task_warmup: int = 0
   warmup_repeats: int = 0         # needle_repeats of the task warm-up's examples
@@ -132,6 +146,8 @@ class RulerMix:
     if min(shares) < 0.0 or sum(shares) > 1.0:
       raise ValueError(f"copy_share, drill_share and lm_fraction must be >= 0 with a sum <= 1, "
                        f"got {shares}")
+    if self.context_weight < 0.0:
+      raise ValueError(f"context_weight must be >= 0, got {self.context_weight}")
     if not self.tasks and sum(shares) < 1.0:
       raise ValueError("with no tasks, copy_share + drill_share + lm_fraction must be 1")
 
@@ -179,21 +195,23 @@ class RulerMix:
                                                           " " + VALUE_NUMBERS[0]))
       fit = (length - 64) // (per_line * needles) - 1
       config = dataclasses.replace(config, needle_repeats=max(0, min(self.warmup_repeats, fit)))
-    return ruler.generate_example(config, tokenizer, split, rng.randrange(1 << 62), root=root,
-                                  limit=limit)
+    ex = ruler.generate_example(config, tokenizer, split, rng.randrange(1 << 62), root=root,
+                                limit=limit)
+    return ex if self.context_weight == 1.0 else {**ex, "prompt_weight": self.context_weight}
 
 
 def _fit_drill(tokenizer, rng, length, lo, hi) -> dict:
   """A drill trimmed to whole lines within `length` tokens (BOS included)."""
   needles = rng.randint(lo, hi)
   ex = drill_example(rng, length, needles)
-  lines = ex["text"].splitlines(keepends=True)
+  lines, order = ex["lines"], ex["order"]
   per_line = max(1, ruler.count_tokens(tokenizer, lines[0]) - 1)
-  keep = max(needles + 1, min(len(lines), (length - 1) // per_line))
-  while keep > needles + 1 and ruler.count_tokens(tokenizer, "".join(lines[:keep])) > length:
+  keep = max(needles + 1, min(len(order), (length - 1) // per_line))
+  text = lambda k: "".join(lines[i] for i in order[:k])
+  while keep > needles + 1 and ruler.count_tokens(tokenizer, text(keep)) > length:
     keep -= 1
-  text = "".join(lines[:keep])
-  return {**ex, "text": text, "prompt": text, "length": ruler.count_tokens(tokenizer, text)}
+  ex = _drill(lines, ex["values"], order[:keep])
+  return {**ex, "length": ruler.count_tokens(tokenizer, ex["text"])}
 
 
 class RulerSource:
@@ -217,7 +235,7 @@ class RulerSource:
       raise IndexError(f"index {index} out of range for RulerSource of size {self.size}")
     ex = self.mix.example(self.tokenizer, self.split, i, self.root, self.limit)
     return {k: ex[k] for k in ("task", "text", "prompt", "response", "prompt_weight",
-                                 "eos_weight") if k in ex}
+                                 "eos_weight", "pieces") if k in ex}
 
   def __getitems__(self, indices) -> list[dict]:
     return [self[i] for i in indices]
