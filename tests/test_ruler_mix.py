@@ -209,6 +209,25 @@ def test_shares_mix_copies_and_drills_into_the_suite(tok):
   assert ex["prompt_weight"] == 0.25 and "prompt_weight" not in plain.example(tok, "train", 0)
 
 
+def test_drills_over_a_haystack_keep_their_targets(tok):
+  from ag_jax.data.packing import tokenize_weighted
+  mix = ruler_mix.RulerMix(tasks=("niah_multikey",), min_length=200, max_length=400,
+                           drill_share=1.0, drill_haystack="stdlib", drill_haystack_from=5,
+                           min_needles=2, max_needles=4)
+  for i in range(5, 9):
+    ex = mix.example(tok, "train", i)
+    lines = ex["text"].splitlines(keepends=True)
+    code = [line for line in lines if line not in ex["lines"]]
+    assert code and len(lines) > len(code)  # code between the needle lines
+    ids, _, weights = tokenize_weighted(ex, tok, response_weight=5.0)
+    assert list(ids) == tok.encode(ex["text"], add_bos=True, add_eos=True)  # cut at spaces
+    assert len(ids) <= 401
+    values = [tok.decode([t]).strip() for t in ids[weights == 5.0]]
+    assert values and set(values) <= set(ex["values"])  # only the looked-up values weigh 5
+  before = mix.example(tok, "train", 4)["text"].splitlines(keepends=True)
+  assert all(line.startswith("# One of the magic numbers") for line in before)
+
+
 def test_copy_rows_train_only_the_copied_span(tok):
   """Through the source and the packer: the filler and the EOS of a copy row weigh 0, the
   copied span (after its first token) the response weight."""

@@ -60,29 +60,42 @@ def copy_example(rng: random.Random, length: int, alphabet: int = 0) -> dict:
           "prompt_weight": 0.0, "eos_weight": 0.0}
 
 
-def drill_example(rng: random.Random, length: int, needles: int) -> dict:
-  """A lookup drill of <= `length` tokens (BOS included), no haystack: `needles` needle lines
+def drill_example(rng: random.Random, length: int, needles: int, hay=None,
+                  gap: int = 3) -> dict:
+  """A lookup drill of <= `length` tokens (BOS included): `needles` needle lines
   "One of the magic numbers for KEY is V.", then the same lines again in random order until
   the length is reached. Every repeated line's value is a target only the key lookup
   predicts (the suite's needle format, many targets per row where a question gives one);
-  `pieces` mark those values as targets (they weigh as answers do)."""
+  `pieces` mark those values as targets (they weigh as answers do). With a haystack `hay`
+  (ruler.Haystack), 0..`gap` of its consecutive lines go before each line: the lookup then
+  has to work inside code, as the suite's questions need."""
   keys = rng.sample(KEY_WORDS, needles)
   values = [rng.choice(VALUE_NUMBERS) for _ in keys]
   lines = [ruler.niah_line(" " + k, " " + v) for k, v in zip(keys, values)]
   # ~12 tokens per line with the stdlib BPE; the caller's tokenizer trims below
   order = list(range(needles)) + [rng.randrange(needles) for _ in range(max(1, length // 12))]
-  return _drill(lines, values, order)
+  fillers = [""] * len(order)
+  if hay is not None:
+    start = hay.start(rng)
+    for j in range(len(order)):
+      n = rng.randint(0, gap)
+      fillers[j] = "".join(hay.lines(start, n))
+      start += n
+  return _drill(lines, values, order, fillers)
 
 
-def _drill(lines, values, order) -> dict:
-  pieces = [("".join(lines[i] for i in order[:len(lines)]), False)]
-  for i in order[len(lines):]:
+def _drill(lines, values, order, fillers) -> dict:
+  # cut only around the values (" 47", a space before): the pieces give the text's tokens
+  pieces, pending = [], "".join(f + lines[i] for f, i in zip(fillers, order[:len(lines)]))
+  for f, i in zip(fillers[len(lines):], order[len(lines):]):
     head, _, tail = lines[i].rpartition(" " + values[i])
-    pieces += [(head, False), (" " + values[i], True), (tail, False)]
+    pieces += [(pending + f + head, False), (" " + values[i], True)]
+    pending = tail
+  pieces.append((pending, False))
   text = "".join(t for t, _ in pieces)
   return {"task": "drill", "text": text, "prompt": text, "response": "", "answers": [],
-          "lines": lines, "values": values, "order": order, "pieces": pieces,
-          "eos_weight": 0.0}  # a drill ends anywhere: its EOS is noise
+          "lines": lines, "values": values, "order": order, "fillers": fillers,
+          "pieces": pieces, "eos_weight": 0.0}  # a drill ends anywhere: its EOS is noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +124,8 @@ class RulerMix:
   copy_alphabets: tuple[int, ...] = (0,)  # after the warm-up a copy row draws its alphabet
                                           # size from these (0: the whole pool)
   drill_share: float = 0.0        # share of lookup drills after the copy warm-up
+  drill_haystack: str | None = None  # haystack lines between a drill's lines; None: none
+  drill_haystack_from: int = 0    # ... from this suite example on (counted as task_warmup)
   context_weight: float = 1.0     # loss weight of a task example's context and question (its
                                   # answer weighs data.response_weight): below 1 the answers
                                   # are a larger share of the loss
@@ -146,6 +161,8 @@ class RulerMix:
     if min(shares) < 0.0 or sum(shares) > 1.0:
       raise ValueError(f"copy_share, drill_share and lm_fraction must be >= 0 with a sum <= 1, "
                        f"got {shares}")
+    if self.drill_haystack is not None and self.drill_haystack not in HAYSTACKS:
+      raise ValueError(f"drill_haystack={self.drill_haystack!r}: expected one of {HAYSTACKS}")
     if self.context_weight < 0.0:
       raise ValueError(f"context_weight must be >= 0, got {self.context_weight}")
     if not self.tasks and sum(shares) < 1.0:
@@ -169,7 +186,11 @@ class RulerMix:
       return copy_example(rng, max(MIN_COPY_LENGTH, length), rng.choice(self.copy_alphabets))
     draw -= self.copy_share
     if draw < self.drill_share:
-      return _fit_drill(tokenizer, rng, length, self.min_needles or 4, self.max_needles or 8)
+      hay = None if self.drill_haystack is None or index < self.drill_haystack_from else \
+          ruler.open_haystack(
+          self.drill_haystack, self.base.haystack_split or split, root, limit)
+      return _fit_drill(tokenizer, rng, length, self.min_needles or 4, self.max_needles or 8,
+                        hay)
     draw -= self.drill_share
     if draw < self.lm_fraction or not self.tasks:
       hay = ruler.open_haystack("stdlib", self.base.haystack_split or split, root, limit)
@@ -200,17 +221,22 @@ class RulerMix:
     return ex if self.context_weight == 1.0 else {**ex, "prompt_weight": self.context_weight}
 
 
-def _fit_drill(tokenizer, rng, length, lo, hi) -> dict:
+def _fit_drill(tokenizer, rng, length, lo, hi, hay=None) -> dict:
   """A drill trimmed to whole lines within `length` tokens (BOS included)."""
   needles = rng.randint(lo, hi)
-  ex = drill_example(rng, length, needles)
-  lines, order = ex["lines"], ex["order"]
+  ex = drill_example(rng, length, needles, hay)
+  lines, order, fillers = ex["lines"], ex["order"], ex["fillers"]
+  size = lambda k: ruler.count_tokens(tokenizer, "".join(
+      f + lines[i] for f, i in zip(fillers[:k], order[:k])))
+  # the most lines that fit, at most a guess from the first line's size (no haystack: the
+  # lines are alike) or all of them (bisection; the size grows with the lines kept)
   per_line = max(1, ruler.count_tokens(tokenizer, lines[0]) - 1)
-  keep = max(needles + 1, min(len(order), (length - 1) // per_line))
-  text = lambda k: "".join(lines[i] for i in order[:k])
-  while keep > needles + 1 and ruler.count_tokens(tokenizer, text(keep)) > length:
-    keep -= 1
-  ex = _drill(lines, ex["values"], order[:keep])
+  guess = len(order) if hay is not None else min(len(order), (length - 1) // per_line)
+  lo_keep, hi_keep = needles + 1, max(needles + 1, guess)
+  while lo_keep < hi_keep:
+    mid = (lo_keep + hi_keep + 1) // 2
+    lo_keep, hi_keep = (mid, hi_keep) if size(mid) <= length else (lo_keep, mid - 1)
+  ex = _drill(lines, ex["values"], order[:lo_keep], fillers[:lo_keep])
   return {**ex, "length": ruler.count_tokens(tokenizer, ex["text"])}
 
 
