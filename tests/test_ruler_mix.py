@@ -228,6 +228,29 @@ def test_drills_over_a_haystack_keep_their_targets(tok):
   assert all(line.startswith("# One of the magic numbers") for line in before)
 
 
+def test_more_questions_ask_other_needles_of_one_context(tok):
+  from ag_jax.data.packing import tokenize_weighted
+  mix = ruler_mix.RulerMix(tasks=("niah_multikey",), min_length=256, max_length=400,
+                           questions=3, questions_from=2, min_needles=3, max_needles=5)
+  plain = ruler_mix.RulerMix(tasks=("niah_multikey",), min_length=256, max_length=400,
+                             min_needles=3, max_needles=5)
+  assert mix.example(tok, "train", 1)["text"] == plain.example(tok, "train", 1)["text"]
+  for i in range(2, 6):
+    ex, one = mix.example(tok, "train", i), plain.example(tok, "train", i)
+    assert ex["text"].startswith(one["prompt"] + one["response"])  # the same first question
+    asked = [line.split("for ")[1].rstrip("?") for line in ex["text"].splitlines()
+             if line.startswith("# Question")]
+    assert len(asked) == len(set(asked)) == 3  # other needles of the same context
+    answers = dict(zip(ex["needle_keys"], ex["needle_values"]))
+    ids, _, weights = tokenize_weighted(ex, tok, response_weight=5.0)
+    assert list(ids) == tok.encode(ex["text"], add_bos=True, add_eos=True)
+    targets = [tok.decode([t]) for t in ids[weights == 5.0][:-1]]  # the EOS last
+    assert targets == [answers[" " + k] for k in asked]
+    assert len(ids) <= 400 + ruler_mix.QUESTION_ROOM + 1  # max_length + the room + EOS
+  with pytest.raises(ValueError, match="questions"):
+    ruler_mix.RulerMix(questions=0)
+
+
 def test_copy_rows_train_only_the_copied_span(tok):
   """Through the source and the packer: the filler and the EOS of a copy row weigh 0, the
   copied span (after its first token) the response weight."""

@@ -80,7 +80,7 @@ def tokenize_weighted(example: dict, tokenizer, *, sft: bool = False,
   An example with "pieces", [(text, is_target), ...] whose texts join to its text, is
   tokenized piece by piece (cut them at spaces, so the pieces give the text's tokens): target
   pieces weigh response_weight, the rest prompt_weight (a drill has many targets where a
-  question has one)."""
+  question has one); the EOS weighs as the last piece unless eos_weight says."""
   fields = dict(text_field=text_field, prompt_field=prompt_field, response_field=response_field)
   prompt_weight = float(example.get("prompt_weight", 1.0))
   eos_weight = example.get("eos_weight")
@@ -90,8 +90,10 @@ def tokenize_weighted(example: dict, tokenizer, *, sft: bool = False,
       piece = tokenizer.encode(_as_str(text), add_bos=False)
       ids += piece
       weights += [response_weight if is_target else prompt_weight] * len(piece)
-    ids.append(tokenizer.eos_id)
-    weights.append(prompt_weight if eos_weight is None else float(eos_weight))
+    ids.append(tokenizer.eos_id)  # after a target (an answer) it weighs as one, by default
+    last_is_target = example["pieces"][-1][1]
+    weights.append(float(eos_weight) if eos_weight is not None else
+                   response_weight if last_is_target else prompt_weight)
     return np.asarray(ids, np.int32), 0, np.asarray(weights, np.float32)
   if response_weight == 1.0 and prompt_weight == 1.0 and eos_weight is None:
     return (*tokenize_example(example, tokenizer, sft=sft, **fields), None)

@@ -33,6 +33,7 @@ from ag_jax.data.ruler import (HAYSTACKS, KEY_WORDS, RETRIEVAL_TASKS, TASKS, VAL
 
 _POOL = tuple(" " + w for w in KEY_WORDS + VALUE_NUMBERS)  # single tokens of the stdlib BPE
 MIN_COPY_LENGTH = 20
+QUESTION_ROOM = 63  # tokens a row holds past a context of max_length: seq_len - max_length - EOS
 
 
 def copy_example(rng: random.Random, length: int, alphabet: int = 0) -> dict:
@@ -126,6 +127,8 @@ class RulerMix:
   drill_share: float = 0.0        # share of lookup drills after the copy warm-up
   drill_haystack: str | None = None  # haystack lines between a drill's lines; None: none
   drill_haystack_from: int = 0    # ... from this suite example on (counted as task_warmup)
+  questions: int = 1              # questions per niah_multikey / multiquery context: the
+  questions_from: int = 0         # extra ones (about other needles) from this suite example on
   context_weight: float = 1.0     # loss weight of a task example's context and question (its
                                   # answer weighs data.response_weight): below 1 the answers
                                   # are a larger share of the loss
@@ -163,6 +166,8 @@ class RulerMix:
                        f"got {shares}")
     if self.drill_haystack is not None and self.drill_haystack not in HAYSTACKS:
       raise ValueError(f"drill_haystack={self.drill_haystack!r}: expected one of {HAYSTACKS}")
+    if self.questions < 1:
+      raise ValueError(f"questions must be >= 1, got {self.questions}")
     if self.context_weight < 0.0:
       raise ValueError(f"context_weight must be >= 0, got {self.context_weight}")
     if not self.tasks and sum(shares) < 1.0:
@@ -216,9 +221,38 @@ class RulerMix:
                                                           " " + VALUE_NUMBERS[0]))
       fit = (length - 64) // (per_line * needles) - 1
       config = dataclasses.replace(config, needle_repeats=max(0, min(self.warmup_repeats, fit)))
-    ex = ruler.generate_example(config, tokenizer, split, rng.randrange(1 << 62), root=root,
-                                limit=limit)
+    seed = rng.randrange(1 << 62)
+    ex = ruler.generate_example(config, tokenizer, split, seed, root=root, limit=limit)
+    if self.questions > 1 and index >= self.questions_from and task in _MANY_QUESTIONS:
+      ex = _more_questions(ex, config, tokenizer, split, seed, rng, self.questions - 1, root,
+                           limit, max_tokens=self.max_length + QUESTION_ROOM)
     return ex if self.context_weight == 1.0 else {**ex, "prompt_weight": self.context_weight}
+
+
+_MANY_QUESTIONS = ("niah_multikey", "niah_multiquery")
+
+
+def _more_questions(ex, config, tokenizer, split, seed, rng, extra, root, limit,
+                    max_tokens) -> dict:
+  """`ex` with up to `extra` more question/answer pairs about other needles of its context
+  (the same context: `ask` does not move the needles), as pieces whose answers are targets,
+  as many as fit in `max_tokens`. A context then teaches several lookups where one question
+  teaches one."""
+  n = len(ex["needle_keys"])
+  if config.task == "niah_multikey":
+    asks = rng.sample([i for i in range(n) if i != ex["asked"][0]], min(extra, n - 1))
+  else:
+    asks = [rng.sample(range(n), config.num_queries) for _ in range(extra)]
+  pieces = [(ex["prompt"], False), (ex["response"], True)]
+  for ask in asks:
+    other = ruler.generate_example(config, tokenizer, split, seed, ask=ask, root=root,
+                                   limit=limit)
+    more = [("\n" + other["question"], False), (other["response"], True)]
+    if ruler.count_tokens(tokenizer, "".join(t for t, _ in pieces + more)) > max_tokens:
+      break
+    pieces += more
+  text = "".join(t for t, _ in pieces)
+  return {**ex, "text": text, "pieces": pieces}
 
 
 def _fit_drill(tokenizer, rng, length, lo, hi, hay=None) -> dict:
