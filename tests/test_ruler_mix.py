@@ -34,6 +34,18 @@ def test_recipe_mix_parses_to_retrieval_tasks_over_a_ramp(recipe):
   assert recipe.model.overrides["max_position"] >= 2 * mix.max_length + 64
 
 
+def test_gate_recipe_reads_the_suite_its_base_was_trained_on(recipe):
+  from ag_jax.train_config import load_train_config
+  gates = load_train_config(RECIPE.replace("ruler_base", "ruler_gates"))
+  mix, tok_spec, _ = ruler_mix.parse_spec(gates.data.source)
+  base_mix, _, _ = ruler_mix.parse_spec(recipe.data.source)
+  assert gates.run.trainable == "gates" and gates.gate is not None
+  assert gates.model.hf_path == recipe.run.out_dir + "/model"
+  assert tok_spec == gates.data.tokenizer == recipe.data.tokenizer
+  assert set(mix.tasks) == set(base_mix.tasks) and mix.copy_warmup == mix.copy_share == 0
+  assert gates.data.seq_len >= mix.max_length + 64 and not gates.data.shuffle
+
+
 def test_ramp_bounds_each_example_length(tok):
   mix = ruler_mix.RulerMix(min_length=128, max_length=512, length_ramp=40)
   for i in (0, 1, 10, 20, 39, 40, 80):
