@@ -222,6 +222,21 @@ def niah_line(key: str, value: str) -> str:
   return f"# One of the magic numbers for{key} is{value}.\n"
 
 
+def key_question(task: str, keys: Sequence[str], values: Sequence[str],
+                 asked: Sequence[int]) -> tuple[str, list[str]]:
+  """(question, answer items) asking the values of needles `asked` (indices into keys and
+  values): niah_multikey asks one key, niah_multiquery several."""
+  listed = ",".join(keys[a] for a in asked)
+  answers = [values[a] for a in asked]
+  if task == "niah_multikey":
+    return (f"# Question: what is the magic number for{listed}?\n"
+            f"# Answer: the magic number for{listed} is"), answers
+  if task == "niah_multiquery":
+    return (f"# Question: what are the magic numbers for{listed}?\n"
+            f"# Answer: the magic numbers for{listed} are"), answers
+  raise ValueError(f"key_question asks niah_multikey or niah_multiquery, not {task!r}")
+
+
 def generate_example(config: RulerConfig, tokenizer, split: str, index: int, *,
                      ask: int | Sequence[int] | None = None, root: str | None = None,
                      limit: int | None = None) -> dict:
@@ -249,16 +264,11 @@ def generate_example(config: RulerConfig, tokenizer, split: str, index: int, *,
   if config.task == "niah_multikey":
     asked = [rng.randrange(n)] if ask is None else [int(ask)]
     lines = [niah_line(k, v) for k, v in zip(keys, values)]
-    q_keys, answers = [keys[asked[0]]], [values[asked[0]]]
-    question = (f"# Question: what is the magic number for{q_keys[0]}?\n"
-                f"# Answer: the magic number for{q_keys[0]} is")
+    question, answers = key_question(config.task, keys, values, asked)
   elif config.task == "niah_multiquery":
     asked = rng.sample(range(n), config.num_queries) if ask is None else [int(a) for a in ask]
     lines = [niah_line(k, v) for k, v in zip(keys, values)]
-    q_keys, answers = [keys[a] for a in asked], [values[a] for a in asked]
-    listed = ",".join(q_keys)
-    question = (f"# Question: what are the magic numbers for{listed}?\n"
-                f"# Answer: the magic numbers for{listed} are")
+    question, answers = key_question(config.task, keys, values, asked)
   else:  # niah_multivalue: all values of one key, in order of appearance
     asked = list(range(n))
     lines = [niah_line(keys[0], v) for v in values]

@@ -221,34 +221,35 @@ class RulerMix:
                                                           " " + VALUE_NUMBERS[0]))
       fit = (length - 64) // (per_line * needles) - 1
       config = dataclasses.replace(config, needle_repeats=max(0, min(self.warmup_repeats, fit)))
-    seed = rng.randrange(1 << 62)
-    ex = ruler.generate_example(config, tokenizer, split, seed, root=root, limit=limit)
+    ex = ruler.generate_example(config, tokenizer, split, rng.randrange(1 << 62), root=root,
+                                limit=limit)
     if self.questions > 1 and index >= self.questions_from and task in _MANY_QUESTIONS:
-      ex = _more_questions(ex, config, tokenizer, split, seed, rng, self.questions - 1, root,
-                           limit, max_tokens=self.max_length + QUESTION_ROOM)
+      ex = _more_questions(ex, config, tokenizer, rng, self.questions - 1,
+                           max_tokens=self.max_length + QUESTION_ROOM)
     return ex if self.context_weight == 1.0 else {**ex, "prompt_weight": self.context_weight}
 
 
 _MANY_QUESTIONS = ("niah_multikey", "niah_multiquery")
 
 
-def _more_questions(ex, config, tokenizer, split, seed, rng, extra, root, limit,
-                    max_tokens) -> dict:
-  """`ex` with up to `extra` more question/answer pairs about other needles of its context
-  (the same context: `ask` does not move the needles), as pieces whose answers are targets,
-  as many as fit in `max_tokens`. A context then teaches several lookups where one question
-  teaches one."""
-  n = len(ex["needle_keys"])
+def _more_questions(ex, config, tokenizer, rng, extra, max_tokens) -> dict:
+  """`ex` with up to `extra` more question/answer pairs about other needles of its context,
+  as pieces whose answers are targets, as many as fit in `max_tokens`. A context then
+  teaches several lookups where one question teaches one."""
+  keys, values, n = ex["needle_keys"], ex["needle_values"], len(ex["needle_keys"])
   if config.task == "niah_multikey":
-    asks = rng.sample([i for i in range(n) if i != ex["asked"][0]], min(extra, n - 1))
+    asks = [[a] for a in rng.sample([i for i in range(n) if i != ex["asked"][0]],
+                                    min(extra, n - 1))]
   else:
     asks = [rng.sample(range(n), config.num_queries) for _ in range(extra)]
   pieces = [(ex["prompt"], False), (ex["response"], True)]
+  size = ruler.count_tokens(tokenizer, ex["prompt"] + ex["response"])
   for ask in asks:
-    other = ruler.generate_example(config, tokenizer, split, seed, ask=ask, root=root,
-                                   limit=limit)
-    more = [("\n" + other["question"], False), (other["response"], True)]
-    if ruler.count_tokens(tokenizer, "".join(t for t, _ in pieces + more)) > max_tokens:
+    question, answers = ruler.key_question(config.task, keys, values, ask)
+    more = [("\n" + question, False), (",".join(answers), True)]
+    # pieces are cut at spaces and newlines, so their token counts add up
+    size += sum(len(tokenizer.encode(t, add_bos=False)) for t, _ in more)
+    if size > max_tokens:
       break
     pieces += more
   text = "".join(t for t, _ in pieces)
