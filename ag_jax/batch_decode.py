@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
   pr = p.add_argument_group("prompts")
   pr.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   pr.add_argument("--prompts-file", help="a .txt file (one prompt per line) or .jsonl "
-                  "(fields: prompt, optional answer)")
+                  "(fields: prompt, optional answer: a string the generation must start with, or a list "
+                  "of items that must all occur in it)")
   pr.add_argument("--num-prompts", type=int, default=64,
                   help="default world: how many test-split prompts (default 64)")
   ev = p.add_argument_group("eviction")
