@@ -47,12 +47,35 @@ def test_niah_answers_are_right_by_construction(tok):
     key = re.search(r"number for ([a-z ]+)\?", ex["question"]).group(1)
     assert len(facts) == 4 and ex["answers"] == [" " + facts[key]]
     ex = _ex(tok, "niah_multivalue", index=i)
-    facts = _facts(ex["context"])
-    assert len({k for k, _ in facts}) == 1 and [" " + v for _, v in facts] == ex["answers"]
+    numbered = re.findall(r"# For ([a-z ]+), magic number ([0-9]) is ([0-9 ]+)\.\n",
+                          ex["context"])
+    assert len({k for k, _, _ in numbered}) == 1 and len(numbered) == 4
+    assert [n for _, n, _ in numbered] == ["1", "2", "3", "4"]  # in order of appearance
+    assert [" " + v for _, _, v in numbered] == ex["answers"]
     ex = _ex(tok, "niah_multiquery", index=i)
     facts = dict(_facts(ex["context"]))
     keys = re.search(r"numbers for (.*)\?", ex["question"]).group(1).split(", ")
     assert [" " + facts[k.strip()] for k in keys] == ex["answers"]
+
+
+@pytest.mark.parametrize("task", ruler.RETRIEVAL_TASKS)
+def test_each_item_is_led_by_the_lookup_it_answers(tok, task):
+  """The question and joins restate each item's lookup: the text before an item ends with
+  the same tokens as the context's line before that item's value (the lookup a copy makes);
+  items are never given away by the text the scorer teacher-forces."""
+  for i in range(5):
+    ex = _ex(tok, task, index=i)
+    leads = [ex["question"]] + ex["joins"]
+    assert len(leads) == len(ex["answers"]) and ex["answer"] == ruler.join_answer(
+        ex["answers"], ex["joins"])
+    for lead, item in zip(leads, ex["answers"]):
+      assert item not in lead
+      if task == "vt":  # "the variables assigned X are" -> the name in "VAR name = X."
+        source = lead.rsplit("assigned", 1)[1].removesuffix(" are").removeprefix(" the value")
+        assert f"# VAR{item} ={source}.\n" in ex["context"]
+      else:  # "...for KEY is" / "magic number j is" -> the value after it in the context
+        tail = " ".join(lead.split()[-3:])
+        assert f"{tail}{item}." in ex["context"]
 
 
 def test_multikey_is_not_decidable_from_the_context(tok):

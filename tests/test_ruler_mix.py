@@ -43,7 +43,7 @@ def test_gate_recipe_reads_the_suite_its_base_was_trained_on(recipe):
   assert gates.model.hf_path == recipe.run.out_dir + "/model"
   assert tok_spec == gates.data.tokenizer == recipe.data.tokenizer
   assert set(mix.tasks) == set(base_mix.tasks) and mix.copy_warmup == mix.copy_share == 0
-  assert gates.data.seq_len >= mix.max_length + 64 and not gates.data.shuffle
+  assert gates.data.seq_len >= mix.max_length + ruler_mix.QUESTION_ROOM + 1 and not gates.data.shuffle
 
 
 def test_ramp_bounds_each_example_length(tok):

@@ -8,8 +8,8 @@ question that always comes after it, and answer items checkable by exact match. 
                    distinct keys and values; one key, uniformly at random, is asked. The
                    context is drawn before the asked key, so the context alone never decides
                    the answer (no elimination).
-  niah_multivalue  one key, `num_needles` needles with distinct values; all values are asked,
-                   in order of appearance.
+  niah_multivalue  one key, `num_needles` needles "For KEY, magic number j is V." with distinct
+                   values, numbered 1.. in order of appearance; all values are asked.
   niah_multiquery  `num_needles` distinct keys; `num_queries` of them are asked, each value
                    in the order asked.
   vt               variable tracking: `num_chains` chains "VAR A = 41." ... "VAR B = A." ...
@@ -29,6 +29,15 @@ The context (BOS included) has at most `length` tokens and at least `length` min
 haystack line. Example i of a split is drawn from a seed of (seed, split, task, i): random
 access, deterministic, disjoint streams per split; the same index at another length keeps
 its keys and values.
+
+The answer restates what each item answers ("the magic number for K2 is", "magic number 2
+is", "the variables assigned A are"): the `joins` between items. Scoring teacher-forces the
+question and the joins and checks the items (the values, the names), so every item is one
+lookup of the context, and each asked needle must survive eviction for its item to be right.
+RULER's own templates list the items bare; a model that restates them scores the same under
+its string_match_all. Why we restate: the tiny embedded model learns a lookup as an induction
+copy ("KEY is" -> what followed it before); "for K1, K2 are" -> V2 or "V1," -> the next value of
+one key are not lookups it learns within the recipe's budget (docs/ruler_base_probes.md).
 
 Context, question and answer are tokenized apart: the context ends with a newline, the
 question starts with '#', and answer items start with a space, so tokenizing the whole
@@ -222,18 +231,24 @@ def niah_line(key: str, value: str) -> str:
   return f"# One of the magic numbers for{key} is{value}.\n"
 
 
+def multivalue_line(key: str, number: int, value: str) -> str:
+  return f"# For{key}, magic number {number} is{value}.\n"
+
+
 def key_question(task: str, keys: Sequence[str], values: Sequence[str],
-                 asked: Sequence[int]) -> tuple[str, list[str]]:
-  """(question, answer items) asking the values of needles `asked` (indices into keys and
-  values): niah_multikey asks one key, niah_multiquery several."""
-  listed = ",".join(keys[a] for a in asked)
+                 asked: Sequence[int]) -> tuple[str, list[str], list[str]]:
+  """(question, answer items, joins) asking the values of needles `asked` (indices into keys
+  and values): niah_multikey asks one key, niah_multiquery several. The question ends with
+  the first item's lead; joins[j - 1] leads item j."""
   answers = [values[a] for a in asked]
   if task == "niah_multikey":
-    return (f"# Question: what is the magic number for{listed}?\n"
-            f"# Answer: the magic number for{listed} is"), answers
+    return (f"# Question: what is the magic number for{keys[asked[0]]}?\n"
+            f"# Answer: the magic number for{keys[asked[0]]} is"), answers, []
   if task == "niah_multiquery":
+    listed = ",".join(keys[a] for a in asked)
     return (f"# Question: what are the magic numbers for{listed}?\n"
-            f"# Answer: the magic numbers for{listed} are"), answers
+            f"# Answer: the magic number for{keys[asked[0]]} is"), answers, \
+        [f", the magic number for{keys[a]} is" for a in asked[1:]]
   raise ValueError(f"key_question asks niah_multikey or niah_multiquery, not {task!r}")
 
 
@@ -264,18 +279,20 @@ def generate_example(config: RulerConfig, tokenizer, split: str, index: int, *,
   if config.task == "niah_multikey":
     asked = [rng.randrange(n)] if ask is None else [int(ask)]
     lines = [niah_line(k, v) for k, v in zip(keys, values)]
-    question, answers = key_question(config.task, keys, values, asked)
+    question, answers, joins = key_question(config.task, keys, values, asked)
   elif config.task == "niah_multiquery":
     asked = rng.sample(range(n), config.num_queries) if ask is None else [int(a) for a in ask]
     lines = [niah_line(k, v) for k, v in zip(keys, values)]
-    question, answers = key_question(config.task, keys, values, asked)
-  else:  # niah_multivalue: all values of one key, in order of appearance
+    question, answers, joins = key_question(config.task, keys, values, asked)
+  else:  # niah_multivalue: all values of one key, numbered in order of appearance
     asked = list(range(n))
-    lines = [niah_line(keys[0], v) for v in values]
     order = sorted(range(n), key=lambda i: (depths[i], i))
-    q_keys, answers = [keys[0]], [values[i] for i in order]
+    rank = {i: r for r, i in enumerate(order)}
+    lines = [multivalue_line(keys[0], rank[i] + 1, v) for i, v in enumerate(values)]
+    answers = [values[i] for i in order]
     question = (f"# Question: what are all the magic numbers for{keys[0]}?\n"
-                f"# Answer: the magic numbers for{keys[0]} are")
+                f"# Answer: for{keys[0]}, magic number 1 is")
+    joins = [f", magic number {r + 1} is" for r in range(1, n)]
   if config.depth is not None:
     depths[asked[0]] = config.depth
   placed, at = lines, depths
@@ -287,7 +304,7 @@ def generate_example(config: RulerConfig, tokenizer, split: str, index: int, *,
     placed, at = lines * (1 + config.needle_repeats), depths + extra
   context, _ = fit_lines(tokenizer, lambda h: _with_needles(hay.lines(start, h), placed, at),
                     config.length, guess=config.length // 8)
-  return _finish(config, tokenizer, context, question, answers,
+  return _finish(config, tokenizer, context, question, answers, joins,
                  needle_keys=keys if config.task != "niah_multivalue" else keys * n,
                  needle_values=values, depths=depths, asked=asked)
 
@@ -315,7 +332,9 @@ def _vt(config, tokenizer, rng, hay, start, ask) -> dict:
               f"# Answer: the variables assigned the value{values[asked]} are")
   context, _ = fit_lines(tokenizer, lambda h: _with_needles(hay.lines(start, h), lines, depths),
                     config.length, guess=config.length // 8)
-  return _finish(config, tokenizer, context, question, list(chains[asked]),
+  chain = list(chains[asked])
+  joins = [f", the variables assigned{name} are" for name in chain[:-1]]
+  return _finish(config, tokenizer, context, question, chain, joins,
                  needle_keys=names, needle_values=values, depths=depths, asked=[asked])
 
 
@@ -343,7 +362,7 @@ def _cwe(config, tokenizer, rng) -> dict:
   counts = {w: words.count(w) for w in set(words)}
   assert min(counts[w] for w in common) > max((counts[w] for w in rare if w in counts),
                                              default=0), "cwe common words are not the most common"
-  return _finish(config, tokenizer, text, question, [" " + w for w in seen],
+  return _finish(config, tokenizer, text, question, [" " + w for w in seen], None,
                  needle_keys=[" " + w for w in common], needle_values=[], depths=[], asked=[])
 
 
@@ -365,13 +384,23 @@ def _cwe_words(state, common, rare, total, config) -> list[str]:
   return words
 
 
-def _finish(config, tokenizer, context, question, answers, **meta) -> dict:
+def join_answer(answers: Sequence[str], joins: Sequence[str] | None = None) -> str:
+  """The answer text: items with joins[j - 1] before item j (default ',')."""
+  joins = [","] * (len(answers) - 1) if joins is None else list(joins)
+  if len(joins) != max(0, len(answers) - 1):
+    raise ValueError(f"{len(answers)} answer items need {max(0, len(answers) - 1)} joins, "
+                     f"got {len(joins)}")
+  return "".join(j + a for j, a in zip([""] + joins, answers))
+
+
+def _finish(config, tokenizer, context, question, answers, joins, **meta) -> dict:
   # One newline, no blank run, at the end: whitespace runs tokenize apart from the '#'
   # that follows only when they are a single newline.
   context = context.rstrip() + "\n"
-  answer = ",".join(answers)
+  joins = [","] * (len(answers) - 1) if joins is None else list(joins)
+  answer = join_answer(answers, joins)
   return {"task": config.task, "context": context, "question": question,
-          "answers": list(answers), "answer": answer, "prompt": context + question,
+          "answers": list(answers), "joins": joins, "answer": answer, "prompt": context + question,
           "response": answer, "text": context + question + answer,
           "length": count_tokens(tokenizer, context), **meta}
 

@@ -33,7 +33,7 @@ from ag_jax.data.ruler import (HAYSTACKS, KEY_WORDS, RETRIEVAL_TASKS, TASKS, VAL
 
 _POOL = tuple(" " + w for w in KEY_WORDS + VALUE_NUMBERS)  # single tokens of the stdlib BPE
 MIN_COPY_LENGTH = 20
-QUESTION_ROOM = 63  # tokens a row holds past a context of max_length: seq_len - max_length - EOS
+QUESTION_ROOM = 127  # tokens a row holds past a context of max_length: seq_len - max_length - EOS
 
 
 def copy_example(rng: random.Random, length: int, alphabet: int = 0) -> dict:
@@ -245,8 +245,8 @@ def _more_questions(ex, config, tokenizer, rng, extra, max_tokens) -> dict:
   pieces = [(ex["prompt"], False), (ex["response"], True)]
   size = ruler.count_tokens(tokenizer, ex["prompt"] + ex["response"])
   for ask in asks:
-    question, answers = ruler.key_question(config.task, keys, values, ask)
-    more = [("\n" + question, False), (",".join(answers), True)]
+    question, answers, joins = ruler.key_question(config.task, keys, values, ask)
+    more = [("\n" + question, False), (ruler.join_answer(answers, joins), True)]
     # pieces are cut at spaces and newlines, so their token counts add up
     size += sum(len(tokenizer.encode(t, add_bos=False)) for t, _ in more)
     if size > max_tokens:

@@ -36,13 +36,14 @@ def kvpress_capacity(context_tokens: int, budget: float | None) -> int:
 
 def encode_example(tokenizer, ex: dict) -> tuple[list[int], list[int], list[tuple[int, int]]]:
   """(context ids with BOS, question + answer ids, [(start, end) of each answer item in the
-  continuation])."""
+  continuation]). The joins between items (ex["joins"], default ',') are teacher-forced."""
   context = tokenizer.encode(ex["context"], add_bos=True)
   cont = tokenizer.encode(ex["question"], add_bos=False)
+  joins = ex.get("joins") or [","] * (len(ex["answers"]) - 1)
   spans = []
   for j, item in enumerate(ex["answers"]):
     if j:
-      cont += tokenizer.encode(",", add_bos=False)
+      cont += tokenizer.encode(joins[j - 1], add_bos=False)
     ids = tokenizer.encode(item, add_bos=False)
     spans.append((len(cont), len(cont) + len(ids)))
     cont += ids
