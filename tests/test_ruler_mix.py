@@ -273,3 +273,40 @@ def test_copy_rows_train_only_the_copied_span(tok):
   span = len(tok.encode(ex["response"], add_bos=False))
   np.testing.assert_array_equal(weights[-span - 1:-1], 5.0)
   assert weights[-1] == 0.0 and not weights[:-span - 1].any()
+
+
+@pytest.mark.parametrize("form", ruler_mix.DRILL_FORMS)
+def test_drill_forms_probe_the_suites_lookups(tok, form):
+  """Each drill form's targets follow from its lines by the suite's lookup: the value after
+  the same line start (multikey, multivalue), or the name whose line reads '= source' (vt,
+  the join's backward lookup)."""
+  import re
+  from ag_jax.data.packing import tokenize_weighted
+  mix = ruler_mix.RulerMix(tasks=("niah_multikey",), min_length=200, max_length=300,
+                           drill_share=1.0, drill_forms=(form,), drill_haystack="stdlib",
+                           min_needles=2, max_needles=5)
+  for i in range(4):
+    ex = mix.example(tok, "train", i)
+    ids, _, weights = tokenize_weighted(ex, tok, response_weight=5.0)
+    assert list(ids) == tok.encode(ex["text"], add_bos=True, add_eos=True)  # cut at spaces
+    targets = [tok.decode([t]) for t in ids[weights == 5.0]]
+    assert len(targets) >= 2 and len(ids) <= 301
+    text = ex["text"]
+    if form == "vt":
+      assigned = dict(re.findall(r"# VAR ([a-z]+) = ([a-z0-9]+)\.\n", text))
+      probed = re.findall(r"# the variables assigned ([a-z0-9]+) are ([a-z]+)\.\n", text)
+      assert [" " + n for _, n in probed] == targets
+      assert all(assigned[n] == src for src, n in probed)
+    else:
+      line = (r"# One of the magic numbers for ([a-z]+) is ([0-9]+)\.\n" if form == "multikey"
+              else r"# For ([a-z]+), magic number ([0-9]) is ([0-9]+)\.\n")
+      found = re.findall(line, text)
+      first = {f[:-1]: f[-1] for f in reversed(found)}  # each line's first statement
+      assert len(found) == len(first) + len(targets) and \
+          [" " + first[f[:-1]] for f in found[len(first):]] == targets
+      if form == "multivalue":
+        assert len({f[0] for f in found}) == 1
+  with pytest.raises(ValueError, match="drill_forms"):
+    ruler_mix.RulerMix(drill_forms=("cwe",))
+  mix, _, _ = ruler_mix.parse_spec("ruler:drill_share=0.5,drill_forms=multikey+vt")
+  assert mix.drill_forms == ("multikey", "vt")

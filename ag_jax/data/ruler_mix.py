@@ -61,18 +61,42 @@ def copy_example(rng: random.Random, length: int, alphabet: int = 0) -> dict:
           "prompt_weight": 0.0, "eos_weight": 0.0}
 
 
+DRILL_FORMS = ("multikey", "multivalue", "vt")
+
+
 def drill_example(rng: random.Random, length: int, needles: int, hay=None,
-                  gap: int = 3) -> dict:
-  """A lookup drill of <= `length` tokens (BOS included): `needles` needle lines
-  "One of the magic numbers for KEY is V.", then the same lines again in random order until
-  the length is reached. Every repeated line's value is a target only the key lookup
-  predicts (the suite's needle format, many targets per row where a question gives one);
-  `pieces` mark those values as targets (they weigh as answers do). With a haystack `hay`
-  (ruler.Haystack), 0..`gap` of its consecutive lines go before each line: the lookup then
-  has to work inside code, as the suite's questions need."""
-  keys = rng.sample(KEY_WORDS, needles)
-  values = [rng.choice(VALUE_NUMBERS) for _ in keys]
-  lines = [ruler.niah_line(" " + k, " " + v) for k, v in zip(keys, values)]
+                  gap: int = 3, form: str = "multikey") -> dict:
+  """A lookup drill of <= `length` tokens (BOS included): `needles` needle lines, then
+  probes of them in random order until the length is reached. Every probe ends in a target
+  only the lookup predicts (the suite's formats, many targets per row where a question
+  gives one); `pieces` mark those targets (they weigh as answers do). Forms:
+
+    multikey    lines "One of the magic numbers for KEY is V."; a probe repeats a line.
+    multivalue  one key, lines "For KEY, magic number j is V." (j = 1..); a probe repeats one.
+    vt          a chain "VAR A = 41.", "VAR B = A.", ...; a probe "the variables assigned A
+                are B." asks the name (the suite's vt join: a lookup backwards).
+
+  With a haystack `hay` (ruler.Haystack), 0..`gap` of its consecutive lines go before
+  each line and probe: the lookup then has to work inside code, as the suite's questions
+  need."""
+  if form not in DRILL_FORMS:
+    raise ValueError(f"drill form {form!r}: expected one of {DRILL_FORMS}")
+  if form == "multikey":
+    keys = rng.sample(KEY_WORDS, needles)
+    values = [rng.choice(VALUE_NUMBERS) for _ in keys]
+    lines = [ruler.niah_line(" " + k, " " + v) for k, v in zip(keys, values)]
+    probes = lines
+  elif form == "multivalue":
+    key = rng.choice(KEY_WORDS)
+    values = rng.sample(VALUE_NUMBERS, needles)
+    lines = [ruler.multivalue_line(" " + key, j + 1, " " + v) for j, v in enumerate(values)]
+    probes = lines
+  else:  # vt: the targets are the names, each probed by its source
+    names = rng.sample(KEY_WORDS, needles)
+    sources = [rng.choice(VALUE_NUMBERS)] + names[:-1]
+    lines = [f"# VAR {n} = {src}.\n" for n, src in zip(names, sources)]
+    probes = [f"# the variables assigned {src} are {n}.\n" for n, src in zip(names, sources)]
+    values = names
   # ~12 tokens per line with the stdlib BPE; the caller's tokenizer trims below
   order = list(range(needles)) + [rng.randrange(needles) for _ in range(max(1, length // 12))]
   fillers = [""] * len(order)
@@ -82,21 +106,23 @@ def drill_example(rng: random.Random, length: int, needles: int, hay=None,
       n = rng.randint(0, gap)
       fillers[j] = "".join(hay.lines(start, n))
       start += n
-  return _drill(lines, values, order, fillers)
+  return _drill(lines, values, order, fillers, probes)
 
 
-def _drill(lines, values, order, fillers) -> dict:
-  # cut only around the values (" 47", a space before): the pieces give the text's tokens
+def _drill(lines, values, order, fillers, probes=None) -> dict:
+  # cut only around the targets (" 47", a space before): the pieces give the text's tokens
+  probes = lines if probes is None else probes
   pieces, pending = [], "".join(f + lines[i] for f, i in zip(fillers, order[:len(lines)]))
   for f, i in zip(fillers[len(lines):], order[len(lines):]):
-    head, _, tail = lines[i].rpartition(" " + values[i])
+    head, _, tail = probes[i].rpartition(" " + values[i])
     pieces += [(pending + f + head, False), (" " + values[i], True)]
     pending = tail
   pieces.append((pending, False))
   text = "".join(t for t, _ in pieces)
   return {"task": "drill", "text": text, "prompt": text, "response": "", "answers": [],
-          "lines": lines, "values": values, "order": order, "fillers": fillers,
-          "pieces": pieces, "eos_weight": 0.0}  # a drill ends anywhere: its EOS is noise
+          "lines": lines, "probes": probes, "values": values, "order": order,
+          "fillers": fillers, "pieces": pieces,
+          "eos_weight": 0.0}  # a drill ends anywhere: its EOS is noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +153,8 @@ class RulerMix:
   drill_share: float = 0.0        # share of lookup drills after the copy warm-up
   drill_haystack: str | None = None  # haystack lines between a drill's lines; None: none
   drill_haystack_from: int = 0    # ... from this suite example on (counted as task_warmup)
+  drill_forms: tuple[str, ...] = ("multikey",)  # a drill draws its form from these
+                                                # (DRILL_FORMS: the suite's lookups)
   questions: int = 1              # questions per niah_multikey / multiquery context: the
   questions_from: int = 0         # extra ones (about other needles) from this suite example on
   context_weight: float = 1.0     # loss weight of a task example's context and question (its
@@ -164,6 +192,8 @@ class RulerMix:
     if min(shares) < 0.0 or sum(shares) > 1.0:
       raise ValueError(f"copy_share, drill_share and lm_fraction must be >= 0 with a sum <= 1, "
                        f"got {shares}")
+    if not self.drill_forms or any(f not in DRILL_FORMS for f in self.drill_forms):
+      raise ValueError(f"drill_forms: some of {DRILL_FORMS}, got {self.drill_forms}")
     if self.drill_haystack is not None and self.drill_haystack not in HAYSTACKS:
       raise ValueError(f"drill_haystack={self.drill_haystack!r}: expected one of {HAYSTACKS}")
     if self.questions < 1:
@@ -194,8 +224,10 @@ class RulerMix:
       hay = None if self.drill_haystack is None or index < self.drill_haystack_from else \
           ruler.open_haystack(
           self.drill_haystack, self.base.haystack_split or split, root, limit)
+      # one form draws nothing, so recipes of one form read the same examples as before
+      form = rng.choice(self.drill_forms) if len(self.drill_forms) > 1 else self.drill_forms[0]
       return _fit_drill(tokenizer, rng, length, self.min_needles or 4, self.max_needles or 8,
-                        hay)
+                        hay, form)
     draw -= self.drill_share
     if draw < self.lm_fraction or not self.tasks:
       hay = ruler.open_haystack("stdlib", self.base.haystack_split or split, root, limit)
@@ -256,13 +288,14 @@ def _more_questions(ex, config, tokenizer, rng, extra, max_tokens) -> dict:
   return {**ex, "text": text, "pieces": pieces}
 
 
-def _fit_drill(tokenizer, rng, length, lo, hi, hay=None) -> dict:
+def _fit_drill(tokenizer, rng, length, lo, hi, hay=None, form="multikey") -> dict:
   """A drill trimmed to whole lines within `length` tokens (BOS included)."""
   needles = rng.randint(lo, hi)
-  ex = drill_example(rng, length, needles, hay)
-  lines, order, fillers = ex["lines"], ex["order"], ex["fillers"]
+  ex = drill_example(rng, length, needles, hay, form=form)
+  lines, order, fillers, probes = ex["lines"], ex["order"], ex["fillers"], ex["probes"]
+  text = lambda j, i: lines[i] if j < len(lines) else probes[i]
   size = lambda k: ruler.count_tokens(tokenizer, "".join(
-      f + lines[i] for f, i in zip(fillers[:k], order[:k])))
+      f + text(j, i) for j, (f, i) in enumerate(zip(fillers[:k], order[:k]))))
   # the most lines that fit, at most a guess from the first line's size (no haystack: the
   # lines are alike) or all of them (bisection; the size grows with the lines kept)
   per_line = max(1, ruler.count_tokens(tokenizer, lines[0]) - 1)
@@ -271,7 +304,7 @@ def _fit_drill(tokenizer, rng, length, lo, hi, hay=None) -> dict:
   while lo_keep < hi_keep:
     mid = (lo_keep + hi_keep + 1) // 2
     lo_keep, hi_keep = (mid, hi_keep) if size(mid) <= length else (lo_keep, mid - 1)
-  ex = _drill(lines, ex["values"], order[:lo_keep], fillers[:lo_keep])
+  ex = _drill(lines, ex["values"], order[:lo_keep], fillers[:lo_keep], probes)
   return {**ex, "length": ruler.count_tokens(tokenizer, ex["text"])}
 
 
@@ -338,7 +371,7 @@ def parse_spec(spec: str) -> tuple[RulerMix, str, int | None]:
       tokenizer = value
     elif key == "size":
       size = int(value)
-    elif key in ("tasks", "warmup_tasks"):
+    elif key in ("tasks", "warmup_tasks", "drill_forms"):
       mix[key] = tuple(t for t in value.split("+") if t)
     elif key == "copy_alphabets":
       mix[key] = tuple(_typed(key, t, int) for t in value.split("+") if t)
