@@ -310,3 +310,16 @@ def test_drill_forms_probe_the_suites_lookups(tok, form):
     ruler_mix.RulerMix(drill_forms=("cwe",))
   mix, _, _ = ruler_mix.parse_spec("ruler:drill_share=0.5,drill_forms=multikey+vt")
   assert mix.drill_forms == ("multikey", "vt")
+
+
+def test_drill_forms_start_at_their_index_and_change_nothing_before(tok):
+  kw = dict(tasks=("niah_multikey",), min_length=150, max_length=200, drill_share=1.0,
+            min_needles=2, max_needles=3)
+  one = ruler_mix.RulerMix(**kw)
+  forms = ruler_mix.RulerMix(**kw, drill_forms=("multikey", "multivalue", "vt"),
+                             drill_forms_from=6)
+  assert [one.example(tok, "train", i) for i in range(6)] == \
+      [forms.example(tok, "train", i) for i in range(6)]
+  later = [forms.example(tok, "train", i)["lines"][0] for i in range(6, 30)]
+  assert any(line.startswith("# VAR") for line in later)
+  assert any(line.startswith("# For") for line in later)

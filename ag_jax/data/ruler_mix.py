@@ -154,7 +154,8 @@ class RulerMix:
   drill_haystack: str | None = None  # haystack lines between a drill's lines; None: none
   drill_haystack_from: int = 0    # ... from this suite example on (counted as task_warmup)
   drill_forms: tuple[str, ...] = ("multikey",)  # a drill draws its form from these
-                                                # (DRILL_FORMS: the suite's lookups)
+                                                # (DRILL_FORMS: the suite's lookups) ...
+  drill_forms_from: int = 0       # ... from this suite example on; before it, the first form
   questions: int = 1              # questions per niah_multikey / multiquery context: the
   questions_from: int = 0         # extra ones (about other needles) from this suite example on
   context_weight: float = 1.0     # loss weight of a task example's context and question (its
@@ -225,7 +226,9 @@ class RulerMix:
           ruler.open_haystack(
           self.drill_haystack, self.base.haystack_split or split, root, limit)
       # one form draws nothing, so recipes of one form read the same examples as before
-      form = rng.choice(self.drill_forms) if len(self.drill_forms) > 1 else self.drill_forms[0]
+      form = self.drill_forms[0]
+      if len(self.drill_forms) > 1 and index >= self.drill_forms_from:
+        form = rng.choice(self.drill_forms)
       return _fit_drill(tokenizer, rng, length, self.min_needles or 4, self.max_needles or 8,
                         hay, form)
     draw -= self.drill_share
