@@ -63,11 +63,16 @@ def test_each_item_is_led_by_the_lookup_it_answers(tok, task):
   """The question and joins restate each item's lookup: the text before an item ends with
   the same tokens as the context's line before that item's value (the lookup a copy makes);
   items are never given away by the text the scorer teacher-forces."""
+  from ag_jax.evaluation.ruler_eval import encode_example
   for i in range(5):
     ex = _ex(tok, task, index=i)
     leads = [ex["question"]] + ex["joins"]
     assert len(leads) == len(ex["answers"]) and ex["answer"] == ruler.join_answer(
         ex["answers"], ex["joins"])
+    # the scorer's continuation is the question and answer text, items where it says
+    context, cont, spans = encode_example(tok, ex)
+    assert context + cont == tok.encode(ex["text"], add_bos=True)
+    assert [tok.decode(cont[a:b]) for a, b in spans] == ex["answers"]
     for lead, item in zip(leads, ex["answers"]):
       assert item not in lead
       if task == "vt":  # "the variables assigned X are" -> the name in "VAR name = X."

@@ -384,20 +384,25 @@ def _cwe_words(state, common, rare, total, config) -> list[str]:
   return words
 
 
-def join_answer(answers: Sequence[str], joins: Sequence[str] | None = None) -> str:
-  """The answer text: items with joins[j - 1] before item j (default ',')."""
-  joins = [","] * (len(answers) - 1) if joins is None else list(joins)
+def answer_joins(answers: Sequence[str], joins: Sequence[str] | None = None) -> list[str]:
+  """The text before each answer item but the first: `joins`, or ',' (cwe's bare list)."""
+  joins = [","] * max(0, len(answers) - 1) if joins is None else list(joins)
   if len(joins) != max(0, len(answers) - 1):
     raise ValueError(f"{len(answers)} answer items need {max(0, len(answers) - 1)} joins, "
                      f"got {len(joins)}")
-  return "".join(j + a for j, a in zip([""] + joins, answers))
+  return joins
+
+
+def join_answer(answers: Sequence[str], joins: Sequence[str] | None = None) -> str:
+  """The answer text: items with joins[j - 1] before item j."""
+  return "".join(j + a for j, a in zip([""] + answer_joins(answers, joins), answers))
 
 
 def _finish(config, tokenizer, context, question, answers, joins, **meta) -> dict:
   # One newline, no blank run, at the end: whitespace runs tokenize apart from the '#'
   # that follows only when they are a single newline.
   context = context.rstrip() + "\n"
-  joins = [","] * (len(answers) - 1) if joins is None else list(joins)
+  joins = answer_joins(answers, joins)
   answer = join_answer(answers, joins)
   return {"task": config.task, "context": context, "question": question,
           "answers": list(answers), "joins": joins, "answer": answer, "prompt": context + question,

@@ -23,6 +23,7 @@ import numpy as np
 
 from ag_jax import engine, policies
 from ag_jax.cache import full_kv_nbytes, kept_ratio
+from ag_jax.data.ruler import answer_joins
 from ag_jax.evaluation.scoring import (CacheStats, _teacher_forced, padded_batches,
                                        resolve_setting, score_and_greedy)
 
@@ -39,7 +40,7 @@ def encode_example(tokenizer, ex: dict) -> tuple[list[int], list[int], list[tupl
   continuation]). The joins between items (ex["joins"], default ',') are teacher-forced."""
   context = tokenizer.encode(ex["context"], add_bos=True)
   cont = tokenizer.encode(ex["question"], add_bos=False)
-  joins = ex.get("joins") or [","] * (len(ex["answers"]) - 1)
+  joins = answer_joins(ex["answers"], ex.get("joins"))
   spans = []
   for j, item in enumerate(ex["answers"]):
     if j:
