@@ -124,30 +124,42 @@ def empty_cache(model: Llama, batch: int, slots: int, gate_slots: int, policy: P
                                              "chunk"), donate_argnames=("cache",))
 def _prefill_chunked(variables, tokens, lengths, cache=None, *, model, policy, capacity, gate_slots,
                      backend, all_logits, context, reserve, chunk):
-  """`_prefill` in chunks of `chunk` tokens (tokens [B, T], T a multiple of chunk): a scan
-  whose carry is the compacted cache, so only one chunk's K/V exist beside it. `cache`: an
+  """`_prefill` in chunks of `chunk` tokens (tokens [B, T]): a scan over the T // chunk full
+  chunks whose carry is the compacted cache, so only one chunk's K/V exist beside it, then
+  one ragged chunk of the T % chunk tokens left (a width need not be a multiple of the
+  chunk: padding a 520-token prompt to 1024 would double its work). `cache`: an
   `empty_cache` to fill in place (donated; built here when None)."""
   b, t = tokens.shape
-  n = t // chunk
+  n, rest = divmod(t, chunk)
   if cache is None:
     cache = empty_cache(model, b, capacity + reserve + 1, gate_slots, policy, backend)
 
   def step(carry, xs):
     cache, last = carry
     chunk_tokens, start = xs
+    width = chunk_tokens.shape[1]
     x, cache = model.apply(variables, chunk_tokens, start, lengths, cache, policy, capacity,
-                           backend, method=Llama.prefill_chunk)  # x [B, C, E]
+                           backend, method=Llama.prefill_chunk)  # x [B, width, E]
     index = lengths - 1 - start  # each row's last prompt token, if in this chunk
-    picked = jnp.take_along_axis(x, jnp.clip(index, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
-    last = jnp.where(((index >= 0) & (index < chunk))[:, None], picked, last)
+    picked = jnp.take_along_axis(x, jnp.clip(index, 0, width - 1)[:, None, None], axis=1)[:, 0]
+    last = jnp.where(((index >= 0) & (index < width))[:, None], picked, last)
     logits = model.apply(variables, x, method=Llama.logits) if all_logits else None
     return (cache, last), logits
 
-  xs = (tokens.reshape(b, n, chunk).transpose(1, 0, 2), jnp.arange(n, dtype=jnp.int32) * chunk)
-  last = jnp.zeros((b, model.cfg.dim), model.cfg.dtype)
-  (cache, last), chunk_logits = jax.lax.scan(step, (cache, last), xs)
-  if all_logits:  # [n, B, C, V] -> [B, T, V]
-    logits = chunk_logits.transpose(1, 0, 2, 3).reshape(b, t, -1)
+  carry = (cache, jnp.zeros((b, model.cfg.dim), model.cfg.dtype))
+  pieces = []  # all_logits: [B, width, V] per piece
+  if n:
+    xs = (tokens[:, :n * chunk].reshape(b, n, chunk).transpose(1, 0, 2),
+          jnp.arange(n, dtype=jnp.int32) * chunk)
+    carry, chunk_logits = jax.lax.scan(step, carry, xs)
+    if all_logits:  # [n, B, C, V] -> [B, n * C, V]
+      pieces.append(chunk_logits.transpose(1, 0, 2, 3).reshape(b, n * chunk, -1))
+  if rest:
+    carry, rest_logits = step(carry, (tokens[:, n * chunk:], jnp.int32(n * chunk)))
+    pieces.append(rest_logits)
+  cache, last = carry
+  if all_logits:
+    logits = jnp.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
   else:
     logits = model.apply(variables, last[:, None], method=Llama.logits)[:, 0]
   cache = cache.replace(next_position=lengths.astype(jnp.int32), seen=lengths.astype(jnp.int32),
@@ -187,16 +199,14 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
   policy, capacity = fit(policy, resolve_capacity(policy, compressed, capacity, budget))
   if chunk is not None:
     chunk = _check_chunk(policy, chunk)
-    width = -(-tokens.shape[1] // chunk) * chunk  # padding positions are never kept
-    padded = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
     slots = _gate_slots(model, compressed)
     # Filled in place: the scan's carry is this buffer, not a second copy of the cache.
     empty = empty_cache(model, tokens.shape[0], capacity + reserve + 1, slots, policy, backend)
     logits, cache = _prefill_chunked(
-        variables, jnp.asarray(padded), jnp.asarray(lengths), empty, model=model, policy=policy,
+        variables, jnp.asarray(tokens), jnp.asarray(lengths), empty, model=model, policy=policy,
         capacity=capacity, gate_slots=slots, backend=backend,
         all_logits=all_logits, context=context, reserve=int(reserve), chunk=chunk)
-    return (logits[:, :tokens.shape[1]] if all_logits else logits), cache
+    return logits, cache
   return _prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), model=model,
                   policy=policy, capacity=capacity, gate_slots=_gate_slots(model, compressed),
                   backend=backend, all_logits=all_logits, context=context, reserve=int(reserve))
@@ -332,11 +342,8 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
   _check(model, policy, tokens, lengths)
   context = planned_context(model, tokens.shape[1], max_new_tokens)
   policy, capacity = fit(policy, resolve_capacity(policy, context, capacity, budget))
-  width = tokens.shape[1]
   if prefill_chunk is not None:
     prefill_chunk = _check_chunk(policy, prefill_chunk)
-    tokens = np.pad(tokens, ((0, 0), (0, -(-width // prefill_chunk) * prefill_chunk - width)),
-                    constant_values=pad_id)  # padding positions are never kept
   args = (variables, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
           jnp.int32(eos_id), jnp.int32(pad_id))
   statics = dict(model=model, policy=policy, capacity=capacity,

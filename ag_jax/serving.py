@@ -52,15 +52,22 @@ class Completion:
   seconds: float = 0.0  # wall time from the start of its prefill to the end of its row
 
 
-def prompt_buckets(max_prompt: int, smallest: int = 32) -> tuple[int, ...]:
-  """Prefill widths: powers of two from `smallest`, then `max_prompt` itself (each prompt
-  is padded to the first width that holds it)."""
+def prompt_buckets(max_prompt: int, smallest: int = 32, fine_from: int = 256,
+                   per_octave: int = 4) -> tuple[int, ...]:
+  """Prefill widths: powers of two from `smallest` up to `fine_from`, then `per_octave`
+  evenly spaced widths per doubling (a prompt is padded by at most 1/per_octave of its
+  width where the work is), then `max_prompt` itself; each prompt is padded to the first
+  width that holds it. About 4 + per_octave * log2(max_prompt / fine_from) widths: one
+  prefill compile each."""
   if max_prompt < 1:
     raise engine.InferenceError(f"the longest prompt must have at least 1 token, got {max_prompt}")
   widths, w = [], smallest
-  while w < max_prompt:
+  while w < min(max_prompt, fine_from):
     widths.append(w)
     w *= 2
+  while w < max_prompt:
+    widths.append(w)
+    w += max(1, (1 << (w.bit_length() - 1)) // per_octave)  # the octave [2^m, 2^m+1) / per_octave
   return tuple(widths) + (max_prompt,)
 
 

@@ -120,6 +120,14 @@ def test_requests_outside_the_plan_are_refused(world):
   assert serving.prompt_buckets(100) == (32, 64, 100) and serving.prompt_buckets(20) == (20,)
 
 
+def test_prompt_buckets_pad_long_prompts_by_at_most_a_quarter():
+  widths = serving.prompt_buckets(6000)
+  assert widths[:4] == (32, 64, 128, 256) and widths[-1] == 6000
+  assert list(widths) == sorted(set(widths)) and len(widths) <= 4 + 4 * 5
+  for n in range(257, 6001, 37):  # the padding a prompt of n tokens gets
+    assert next(w for w in widths if w >= n) - n <= n / 4, n
+
+
 def test_sampling_key_follows_the_request_seed(world):
   """A row samples from fold_in(seed, request.seed), not from its slot or its place in the
   stream: a prompt resumed alone draws the tokens it drew among the others."""
