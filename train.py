@@ -8,6 +8,9 @@ import sys
 EPILOG = """\
 recipes (configs/train/*.yaml):
   tiny.yaml           tiny byte-level model on the generated recall corpus; CPU, ~1 minute
+  ruler_base.yaml     the default world's base: a tiny BPE Llama on the RULER-style suite
+                      over stdlib code, from scratch; CPU, ~86 minutes
+  ruler_gates.yaml    its Attention-Gates, base frozen; CPU, ~50 minutes
   cpt_llama2_7b.yaml  the paper's setting: frozen Llama-2-7B, 5,000 RedPajama samples,
                       4k context, target keep 0.5 (needs the HF weights and a prepared
                       local RedPajama sample; see the comments in the file)

@@ -1,8 +1,11 @@
-"""The embedded default world: a tiny byte-level Llama trained on the recall corpus, and its gates.
+"""The embedded default world: a tiny Llama over the stdlib BPE, trained on the RULER-style
+suite (key-addressed retrieval in stdlib-code haystacks), and its Attention-Gates.
 
-Nothing here needs a network: the model (`assets/recall_tiny/model`, HF Llama format), its
-trained gates (`assets/recall_tiny/gates`) and the corpus settings (`world.json`) ship
-inside the package. `configs/train/tiny_base.yaml` and `tiny_gates.yaml` reproduce them.
+Nothing here needs a network: the model with its tokenizer (`assets/ruler_tiny/model`, HF
+Llama format + tokenizer.json), its trained gates (`assets/ruler_tiny/gates`) and the suite
+settings the world is asked on (`world.json`) ship inside the package. The haystacks are the
+Python standard library source of the running interpreter, read at run time.
+`configs/train/ruler_base.yaml` and `ruler_gates.yaml` reproduce the weights.
 """
 
 from __future__ import annotations
@@ -12,12 +15,11 @@ import json
 import os
 
 from ag_jax import atomic_io
-from ag_jax.data.recall import RecallConfig, RecallSource
+from ag_jax.data.ruler import RETRIEVAL_TASKS, RulerConfig
 
-# The corpus the shipped model is evaluated on (the test split of this spec).
-DEFAULT_RECALL_SPEC = ("recall:doc_len=64,num_facts=2,num_queries=2,key_len=1,value_len=1,"
-                       "distractor=repeated")
-ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "recall_tiny")
+ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "ruler_tiny")
+DEFAULT_TASKS = RETRIEVAL_TASKS
+DEFAULT_LENGTH = 512
 
 
 def _world() -> dict:
@@ -25,19 +27,20 @@ def _world() -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"the embedded default world is missing ({path}); reinstall ag-jax, or rebuild it with "
-        "python train.py --config configs/train/tiny_base.yaml, then tiny_gates.yaml "
-        "(see README)")
+        "python train.py --config configs/train/ruler_base.yaml, then ruler_gates.yaml, then "
+        "python -m ag_jax.default_world --install (see README)")
   with open(path) as f:
     return json.load(f)
 
 
-def recall_config() -> RecallConfig:
-  """The corpus settings the default model was trained and is evaluated on."""
-  return RecallConfig(**_world()["recall"])
+def suite() -> tuple[tuple[str, ...], RulerConfig]:
+  """(tasks, settings) of the questions `python decode.py` asks: the world's test split."""
+  world = _world()["suite"]
+  return tuple(world["tasks"]), RulerConfig(**world["config"])
 
 
 def default_budget() -> float:
-  """The KV budget `python decode.py` uses for AG by default (fraction of the context)."""
+  """The KV budget `python decode.py` uses for AG by default (fraction of the prompt)."""
   return float(_world()["budget"])
 
 
@@ -46,37 +49,57 @@ def load_default(with_gates: bool = True):
   from ag_jax.checkpoint import load_gates
   from ag_jax.hf_checkpoint import load_hf_llama
   from ag_jax.model import Llama
-  from ag_jax.tokenizer import ByteTokenizer
+  from ag_jax.tokenizer import HFTokenizer
 
   _world()  # a clear error if the assets are missing
-  cfg, params = load_hf_llama(os.path.join(ASSET_DIR, "model"))
+  model_dir = os.path.join(ASSET_DIR, "model")
+  cfg, params = load_hf_llama(model_dir)
   gate = None
   if with_gates:
     gate, gate_params = load_gates(os.path.join(ASSET_DIR, "gates"), model_cfg=cfg)
     params = {**params, "layers": {**params["layers"], "gate": gate_params}}
-  return Llama(cfg, gate=gate), {"params": params}, ByteTokenizer()
+  return Llama(cfg, gate=gate), {"params": params}, HFTokenizer(model_dir)
 
 
-def test_prompts(n: int, split: str = "test") -> list[tuple[str, str]]:
-  """The first n (prompt, answer) pairs of a split of the world's recall corpus."""
-  source = RecallSource(recall_config(), split, max(n, 1))
-  return [(source[i]["prompt"], source[i]["answer"]) for i in range(n)]
+def test_prompts(n: int, split: str = "test", tokenizer=None) -> list[tuple[str, list[str]]]:
+  """The first n (prompt, answer items) of the world's suite, the tasks taken in turn."""
+  from ag_jax.data.ruler import generate_example
+  tasks, config = suite()
+  if tokenizer is None:
+    tokenizer = load_default(with_gates=False)[2]
+  out = []
+  for i in range(n):
+    task = tasks[i % len(tasks)]
+    ex = generate_example(dataclasses.replace(config, task=task), tokenizer, split,
+                          i // len(tasks))
+    out.append((ex["prompt"], list(ex["answers"])))
+  return out
 
 
-def install(model_dir: str, gates_dir: str, recall: RecallConfig, budget: float,
-            results: dict | None = None) -> str:
-  """Copy a trained base model and its gates into the package assets (atomically)."""
+def install(model_dir: str, gates_dir: str, tokenizer_dir: str, config: RulerConfig,
+            tasks: tuple[str, ...], budget: float, results: dict | None = None) -> str:
+  """Copy a trained base model, its tokenizer and its gates into the package assets
+  (atomically: everything loads first, then the old world is replaced whole)."""
   import shutil
 
   from ag_jax.checkpoint import load_gates
   from ag_jax.hf_checkpoint import load_hf_llama
+  from ag_jax.tokenizer import HFTokenizer
 
-  cfg, _ = load_hf_llama(model_dir)           # both must load before anything is replaced
+  cfg, _ = load_hf_llama(model_dir)           # all must load before anything is replaced
   load_gates(gates_dir, model_cfg=cfg)
+  tokenizer = HFTokenizer(tokenizer_dir)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens, more than "
+                     f"the model's vocab_size {cfg.vocab_size}: pass the model's own tokenizer")
   with atomic_io.replace_dir(ASSET_DIR) as tmp:
     shutil.copytree(model_dir, os.path.join(tmp, "model"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+      if os.path.exists(os.path.join(tokenizer_dir, name)):
+        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, "model"))
     shutil.copytree(gates_dir, os.path.join(tmp, "gates"))
-    world = {"recall": dataclasses.asdict(recall), "budget": budget, "results": results or {}}
+    world = {"suite": {"tasks": list(tasks), "config": dataclasses.asdict(config)},
+             "budget": budget, "results": results or {}}
     with open(os.path.join(tmp, "world.json"), "w") as f:
       json.dump(world, f, indent=2)
   return ASSET_DIR
@@ -84,19 +107,21 @@ def install(model_dir: str, gates_dir: str, recall: RecallConfig, budget: float,
 
 def main(argv=None) -> int:
   import argparse
-  import sys
-
-  from ag_jax.data.sources import open_source
 
   p = argparse.ArgumentParser(
       prog="python -m ag_jax.default_world",
-      description="Install a trained tiny base model and its gates as the embedded default "
-      "world that `python decode.py` runs (see README: Rebuild it).")
+      description="Install a trained base model, its tokenizer and its gates as the embedded "
+      "default world that `python decode.py` runs (see README: Rebuild it).")
   p.add_argument("--install", nargs=2, metavar=("MODEL_DIR", "GATES_DIR"), required=True,
                  help="an HF-format model dir (train.py run.trainable=all writes <out>/model) "
                  "and a gates dir (<out>/gates)")
-  p.add_argument("--recall", default=DEFAULT_RECALL_SPEC,
-                 help=f"the recall corpus the world is evaluated on (default {DEFAULT_RECALL_SPEC!r})")
+  p.add_argument("--tokenizer", default="stdlib_bpe:2048",
+                 help="the model's tokenizer: a spec (default stdlib_bpe:2048) or a directory "
+                 "with tokenizer.json; it ships with the model")
+  p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                 help=f"the suite tasks decode.py asks (default {','.join(DEFAULT_TASKS)})")
+  p.add_argument("--length", type=int, default=DEFAULT_LENGTH,
+                 help=f"context tokens of decode.py's questions (default {DEFAULT_LENGTH})")
   p.add_argument("--budget", type=float, default=0.25,
                  help="the KV budget decode.py uses for AG by default (default 0.25)")
   args = p.parse_args(argv)
@@ -104,10 +129,23 @@ def main(argv=None) -> int:
   from ag_jax.config import ConfigError
 
   def go() -> int:
+    from ag_jax.tokenizer import STDLIB_BPE_PREFIX, stdlib_bpe_dir
     if not 0.0 < args.budget <= 1.0:
       raise ConfigError(f"--budget must be a fraction in (0, 1], got {args.budget}")
-    recall_source = open_source(args.recall, "test")
-    path = install(*args.install, recall=recall_source.config, budget=args.budget)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    try:
+      config = RulerConfig(length=args.length)
+      for t in tasks:
+        RulerConfig(task=t)
+    except ValueError as e:
+      raise ConfigError(f"--tasks / --length: {e}") from None
+    tok_dir = args.tokenizer
+    if tok_dir.startswith(STDLIB_BPE_PREFIX + ":"):
+      tok_dir = stdlib_bpe_dir(int(tok_dir.split(":", 1)[1]))
+    elif not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+      raise ConfigError(f"--tokenizer {args.tokenizer!r}: no tokenizer.json there; pass "
+                        "stdlib_bpe:SIZE or a directory holding tokenizer.json")
+    path = install(*args.install, tok_dir, config, tasks, args.budget)
     print(f"installed the default world in {path}")
     return 0
   return run_cli(go)

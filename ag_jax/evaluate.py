@@ -37,12 +37,10 @@ def load(args):
 def build_tasks(args, world) -> list:
   from ag_jax.data import open_source  # pylint: disable=g-import-not-at-top
   from ag_jax import evaluation as ev  # pylint: disable=g-import-not-at-top
-  from ag_jax.data import RecallSource  # pylint: disable=g-import-not-at-top
   n, tasks = args.num_examples, []
   split = args.split or "test"
-  # The embedded world is evaluated on its own corpus; other models on --recall.
-  recall = RecallSource(world.recall_config(), split, max(n, 1)) if world else \
-      open_source(args.recall, split)
+  del world  # the embedded world's own table is --task ruler; recall reads --recall
+  recall = open_source(args.recall, split)
   for name in args.task or ["recall"]:
     if name == "recall":
       examples = [(recall[i]["prompt"], recall[i]["answer"]) for i in range(min(n, len(recall)))]
@@ -61,6 +59,8 @@ def run(args) -> list[dict]:
   from ag_jax import evaluation as ev  # pylint: disable=g-import-not-at-top
 
   check_args(args)
+  if not args.task and args.model is None:
+    args.task = ["ruler"]  # the embedded world's own table
   if set(args.task) & {"ruler", "stdlib_bpb"}:
     return run_table(args)
   budgets = numbers(args.budgets, float, "--budgets")

@@ -12,8 +12,8 @@ Evaluate KV-cache eviction policies under memory budgets, all through the same e
 cache and kernels.
 
 Tasks (--task, repeatable):
-  recall        greedy answers to recall questions (the embedded world's test prompts, or
-                the generated recall corpus given by --recall), exact-match accuracy; the
+  recall        greedy answers to recall questions of the generated corpus given by
+                --recall (the default task of a --model), exact-match accuracy; the
                 context is prefilled and evicted first, then the question (from the last
                 '?') is read through the cache, as in kvpress
   perplexity    teacher-forced perplexity: each text's first --prefix-fraction is
@@ -24,8 +24,9 @@ Tasks (--task, repeatable):
 
 Tables (--task ruler or --task stdlib_bpb, one per command; results.json is a list of rows
 {task, length, policy, budget, protocol, accuracy | bpb, kept, ...}):
-  ruler         the RULER-style needle suite over the stdlib haystack (--subtasks, default
-                all: niah_multikey, niah_multivalue, niah_multiquery, vt, cwe) at --lengths
+  ruler         the RULER-style needle suite over the stdlib haystack (the default task of
+                the embedded world; --subtasks, default all: niah_multikey,
+                niah_multivalue, niah_multiquery, vt, cwe) at --lengths
                 context tokens; accuracy = share of answer items greedy decoding gets right
   stdlib_bpb    bits per byte of held-out stdlib files: windows of --lengths tokens, the
                 first half is the context the policy compresses, the second half is scored
@@ -39,7 +40,7 @@ streaming_llm, h2o, snapkv, random, local, each optionally with knobs, e.g.
 A budget is the fraction of each batch's context the cache may hold; `full` runs once.
 
 Examples:
-  python -m ag_jax.evaluate                                   # the embedded world
+  python -m ag_jax.evaluate                    # the embedded world: its ruler table
   python -m ag_jax.evaluate --task recall --task perplexity --budgets 0.1,0.25,0.5 --plots
   python -m ag_jax.evaluate --model runs/ruler/model --gates runs/ruler/gates \
       --tokenizer stdlib_bpe:2048 --task ruler --subtasks niah_multikey,vt --lengths 512,1024 \
@@ -57,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
   src = add_model_arguments(p, "model (as decode.py)")
   src.add_argument("--seed", type=int, default=0, help="init seed of preset models")
   data = p.add_argument_group("tasks and data")
-  data.add_argument("--task", action="append", default=[], help="recall (default), "
+  data.add_argument("--task", action="append", default=[], help="recall (default with --model), "
                     "perplexity, or a multiple-choice data set (repeatable); or one table: "
-                    "ruler or stdlib_bpb")
+                    "ruler (default for the embedded world) or stdlib_bpb")
   data.add_argument("--subtasks", help="ruler: comma-separated subtasks (default: all)")
   data.add_argument("--lengths", help="ruler and stdlib_bpb: comma-separated context lengths "
                     "in tokens (default: those of 512,1024,2048,4096 that fit the model)")
@@ -68,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
   data.add_argument("--split", help="data split (default: test for recall, the labelled "
                     "evaluation split for multiple choice)")
   data.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's)")
-  data.add_argument("--recall", default="recall", help="recall corpus spec for models other "
-                    "than the embedded world, e.g. recall:doc_len=512,num_facts=8")
+  data.add_argument("--recall", default="recall", help="recall corpus spec (default: "
+                    "recall), e.g. recall:doc_len=512,num_facts=8")
   data.add_argument("--text-source", help="perplexity texts: a TFDS name or recall spec "
                     "(default: the recall corpus)")
   data.add_argument("--text-field", default="text")

@@ -24,16 +24,21 @@ def micro_preset(tmp_path_factory):
   return str(path)
 
 
-def test_default_world_runs_and_reports_accuracy():
-  run = decode("--num-prompts", "16", "--quiet")
+def _accuracy(run) -> float:
   assert run.returncode == 0, run.stderr
   assert "accuracy:" in run.stdout and "KV cache:" in run.stdout
-  accuracy = float(run.stdout.split("accuracy:")[1].split("%")[0])
-  assert accuracy >= 85.0  # the shipped model and gates at the default budget
+  return float(run.stdout.split("accuracy:")[1].split("%")[0])
+
+
+def test_default_world_runs_and_reports_accuracy():
+  run = decode("--num-prompts", "16", "--quiet")
+  assert _accuracy(run) >= 50.0  # the shipped gates at the default budget; measured 62.5
   kept_percent = float(run.stdout.split("| all |")[1].split("|")[0])
-  assert kept_percent < 30.0  # measured: 27
+  assert kept_percent < 30.0  # measured: 24
   allocated_percent = float(run.stdout.split("full (")[1].split("%")[0])
-  assert allocated_percent < 55.0  # the default budget, 0.5
+  assert allocated_percent < 30.0  # the default budget, 0.25
+  # The same questions with a full cache: the base answers them (measured 93.8).
+  assert _accuracy(decode("--num-prompts", "16", "--quiet", "--policy", "full")) >= 85.0
 
 
 def test_preset_with_policy_and_json(micro_preset, tmp_path):

@@ -127,3 +127,4 @@ def test_answers_score_by_prefix_or_by_all_items():
   assert score(" 40\n", " 40") and not score(" 41", " 40")        # one string: a prefix
   assert score(" 85, 48, 25", [" 48", " 85", " 25"])               # items: all, any order
   assert not score(" 85, 48", [" 48", " 85", " 25"])
+  assert not score(" 85, 48\n# 25", [" 48", " 85", " 25"])         # on the answer line
