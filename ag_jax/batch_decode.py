@@ -21,8 +21,9 @@ Batch generation with a physically evicting KV cache.
 
 With no arguments: the embedded default world (a tiny Llama over a BPE of Python's standard
 library, and its trained gates, shipped in ag_jax/assets) answers RULER-style questions
-from its test split (magic numbers and variable chains hidden in stdlib code) with
-Attention-Gate eviction, and prints each answer, the accuracy and the KV memory kept.
+from its test split (magic numbers hidden in 512 tokens of stdlib code: the tasks, length
+and default budget are in ag_jax/assets/ruler_tiny/world.json) with Attention-Gate
+eviction, and prints each answer, the accuracy and the KV memory kept.
 
 Examples:
   python decode.py
