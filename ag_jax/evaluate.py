@@ -58,9 +58,9 @@ def build_tasks(args, world) -> list:
 def run(args) -> list[dict]:
   from ag_jax import evaluation as ev  # pylint: disable=g-import-not-at-top
 
-  check_args(args)
   if not args.task and args.model is None:
-    args.task = ["ruler"]  # the embedded world's own table
+    args.task = ["ruler"]  # the embedded world's own table (before the checks of its flags)
+  check_args(args)
   if set(args.task) & {"ruler", "stdlib_bpb"}:
     return run_table(args)
   budgets = numbers(args.budgets, float, "--budgets")

@@ -108,3 +108,17 @@ def test_a_recency_window_fails_where_the_full_cache_answers(world):
   full = task.run(model, variables, tokenizer, Full())["accuracy"]
   window = task.run(model, variables, tokenizer, StreamingLLM(), budget=0.125)["accuracy"]
   assert full >= 0.85 and window < 0.6 * full, (full, window)
+
+
+def test_evaluate_without_a_model_tables_the_world_on_the_suite(tmp_path):
+  """`python -m ag_jax.evaluate` with no --model runs the world's own table (--task ruler),
+  and the table flags apply to it."""
+  import json
+
+  from ag_jax import evaluate
+  assert evaluate.main(["--num-examples", "2", "--budgets", "0.5", "--policy", "ag",
+                        "--lengths", "256", "--subtasks", "niah_multikey", "--quiet",
+                        "--out", str(tmp_path)]) == 0
+  rows = json.loads((tmp_path / "results.json").read_text())
+  assert {(r["task"], r["length"], r["policy"], r["budget"]) for r in rows} == {
+      ("niah_multikey", 256, "ag", 0.5)}
