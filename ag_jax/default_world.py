@@ -65,8 +65,9 @@ def test_prompts(n: int, split: str = "test", tokenizer=None) -> list[tuple[str,
   """The first n (prompt, answer items) of the world's suite, the tasks taken in turn."""
   from ag_jax.data.ruler import generate_example
   tasks, config = suite()
-  if tokenizer is None:
-    tokenizer = load_default(with_gates=False)[2]
+  if tokenizer is None:  # the model's own, without loading its weights
+    from ag_jax.tokenizer import HFTokenizer
+    tokenizer = HFTokenizer(os.path.join(ASSET_DIR, "model"))
   out = []
   for i in range(n):
     task = tasks[i % len(tasks)]
@@ -77,7 +78,7 @@ def test_prompts(n: int, split: str = "test", tokenizer=None) -> list[tuple[str,
 
 
 def install(model_dir: str, gates_dir: str, tokenizer_dir: str, config: RulerConfig,
-            tasks: tuple[str, ...], budget: float, results: dict | None = None) -> str:
+            tasks: tuple[str, ...], budget: float) -> str:
   """Copy a trained base model, its tokenizer and its gates into the package assets
   (atomically: everything loads first, then the old world is replaced whole)."""
   import shutil
@@ -99,7 +100,7 @@ def install(model_dir: str, gates_dir: str, tokenizer_dir: str, config: RulerCon
         shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, "model"))
     shutil.copytree(gates_dir, os.path.join(tmp, "gates"))
     world = {"suite": {"tasks": list(tasks), "config": dataclasses.asdict(config)},
-             "budget": budget, "results": results or {}}
+             "budget": budget}
     with open(os.path.join(tmp, "world.json"), "w") as f:
       json.dump(world, f, indent=2)
   return ASSET_DIR
@@ -141,11 +142,18 @@ def main(argv=None) -> int:
       raise ConfigError(f"--tasks / --length: {e}") from None
     tok_dir = args.tokenizer
     if tok_dir.startswith(STDLIB_BPE_PREFIX + ":"):
-      tok_dir = stdlib_bpe_dir(int(tok_dir.split(":", 1)[1]))
+      size = tok_dir.split(":", 1)[1]
+      if not size.isdigit():
+        raise ConfigError(f"--tokenizer {args.tokenizer!r}: the BPE size must be a number of "
+                          "tokens, e.g. stdlib_bpe:2048")
+      tok_dir = stdlib_bpe_dir(int(size))
     elif not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
       raise ConfigError(f"--tokenizer {args.tokenizer!r}: no tokenizer.json there; pass "
                         "stdlib_bpe:SIZE or a directory holding tokenizer.json")
-    path = install(*args.install, tok_dir, config, tasks, args.budget)
+    try:
+      path = install(*args.install, tok_dir, config, tasks, args.budget)
+    except ValueError as e:  # the tokenizer does not fit the model
+      raise ConfigError(str(e)) from None
     print(f"installed the default world in {path}")
     return 0
   return run_cli(go)

@@ -22,24 +22,19 @@ def _has_default_world() -> bool:
 
 
 def load(args):
-  """-> (model, variables, tokenizer, default_world module or None)."""
+  """-> (model, variables, tokenizer); no --model: the embedded default world."""
   if args.model is None and not _has_default_world():
     raise ValueError("no --model given and this install has no embedded default world "
                      "(ag_jax.default_world): pass --model (an HF directory or a preset)")
   from ag_jax.batch_decode import load_model  # pylint: disable=g-import-not-at-top
-  model, variables, tokenizer = load_model(args)
-  world = None
-  if args.model is None:
-    from ag_jax import default_world as world  # pylint: disable=g-import-not-at-top
-  return model, variables, tokenizer, world
+  return load_model(args)
 
 
-def build_tasks(args, world) -> list:
+def build_tasks(args) -> list:
   from ag_jax.data import open_source  # pylint: disable=g-import-not-at-top
   from ag_jax import evaluation as ev  # pylint: disable=g-import-not-at-top
   n, tasks = args.num_examples, []
   split = args.split or "test"
-  del world  # the embedded world's own table is --task ruler; recall reads --recall
   recall = open_source(args.recall, split)
   for name in args.task or ["recall"]:
     if name == "recall":
@@ -70,9 +65,9 @@ def run(args) -> list[dict]:
   for name in args.task:
     if name not in ("recall", "perplexity"):
       ev.mc_format(name)
-  model, variables, tokenizer, world = load(args)
+  model, variables, tokenizer = load(args)
   specs = args.policy or [p for p in ev.DEFAULT_POLICIES if p != "ag" or model.gate is not None]
-  tasks = build_tasks(args, world)
+  tasks = build_tasks(args)
   log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
   rows = ev.run_sweep(model, variables, tokenizer, tasks, specs, budgets or [None],
                       capacities=capacities, batch_size=args.batch_size, backend=args.kernels,
@@ -95,7 +90,7 @@ def run_table(args) -> list[dict]:
   kind = args.task[0]
   for spec in args.policy:  # input errors first, before minutes of loading
     ev.parse_policy(spec)
-  model, variables, tokenizer, _ = load(args)
+  model, variables, tokenizer = load(args)
   max_position = model.cfg.max_position
   lengths = numbers(args.lengths, int, "--lengths") or tables.default_lengths(kind, max_position)
   if not lengths:

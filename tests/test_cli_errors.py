@@ -166,6 +166,31 @@ def test_install_refuses_damaged_files_and_keeps_the_assets(capsys, damaged, kin
   assert os.path.getmtime(default_world.ASSET_DIR) == before
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--tokenizer", "stdlib_bpe:abc"], "the BPE size must be a number of tokens"),
+    (["--tokenizer", "bytes"], "no tokenizer.json there"),
+    (["--tasks", "niah_multikey,haystack"], "--tasks / --length"),
+    (["--budget", "1.5"], "--budget must be a fraction in (0, 1]"),
+])
+def test_install_refuses_bad_settings_and_keeps_the_assets(capsys, extra, message):
+  model, gates = (os.path.join(default_world.ASSET_DIR, k) for k in ("model", "gates"))
+  before = os.path.getmtime(default_world.ASSET_DIR)
+  assert message in _error(capsys, default_world.main(["--install", model, gates, *extra]))
+  assert os.path.getmtime(default_world.ASSET_DIR) == before
+
+
+def test_install_refuses_a_tokenizer_larger_than_the_model(capsys, monkeypatch):
+  from ag_jax import tokenizer as tokenizer_module
+  class Larger(tokenizer_module.HFTokenizer):
+    def __init__(self, path):
+      super().__init__(path)
+      self.vocab_size = 4096
+  monkeypatch.setattr(tokenizer_module, "HFTokenizer", Larger)
+  model, gates = (os.path.join(default_world.ASSET_DIR, k) for k in ("model", "gates"))
+  message = _error(capsys, default_world.main(["--install", model, gates, "--tokenizer", model]))
+  assert "more than the model's vocab_size 2048" in message
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py (nothing here compiles: every error comes before the first jit)
 

@@ -61,7 +61,7 @@ def test_full_cache_accuracy_per_task(world):
       logits = np.asarray(model.apply(variables, tokens, keep=keep))[0]
       predicted = logits[len(context) - 1:-1].argmax(-1)
       hits += [bool((predicted[a:b] == continuation[a:b]).all()) for a, b in spans]
-    assert np.mean(hits) >= 0.85, (task, hits)  # measured in world.json's results
+    assert np.mean(hits) >= 0.85, (task, hits)  # measured at 512: multikey 1.0, multiquery 0.94
 
 
 def test_attention_gate_answers_under_the_default_budget(world):
