@@ -143,6 +143,11 @@ class GateConfig:
   target_keep: float = 0.5        # rho
   eviction_weight: float = 1.0    # lambda
   eviction_loss: str = "hinge"
+  # Budget-aware training (ag_jax.capacity_view): each training row draws one of these
+  # budgets, and the queries after a context see only its top max(1, int(n x budget))
+  # flagged tokens by keep probability, as the kvpress protocol's cache keeps them.
+  # None: the gates' flags alone. Training only; inference takes its budget from the user.
+  train_budgets: tuple[float, ...] | None = None
 
   def __post_init__(self):
     if self.kind not in _GATE_KINDS:
@@ -167,6 +172,12 @@ class GateConfig:
       raise ConfigError(f"GateConfig.window must be a positive integer or null, got {self.window}")
     if self.eviction_weight < 0:
       raise ConfigError(f"GateConfig.eviction_weight must be >= 0, got {self.eviction_weight}")
+    if self.train_budgets is not None and (
+        not self.train_budgets or isinstance(self.train_budgets, (str, bytes))
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 < b <= 1.0
+                   for b in self.train_budgets)):
+      raise ConfigError(f"GateConfig.train_budgets must be a non-empty list of budgets in "
+                        f"(0, 1] (e.g. [0.125, 0.25, 0.5]) or null, got {self.train_budgets!r}")
 
   @property
   def kv_heads(self) -> int:

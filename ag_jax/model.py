@@ -20,8 +20,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ag_jax import inference
-from ag_jax.attention import Attention
+from ag_jax import capacity_view, inference
+from ag_jax.attention import Attention, attend
 from ag_jax.config import GateConfig, ModelConfig
 from ag_jax.gate import Gate, straight_through
 from ag_jax.layers import MLP, RMSNorm, dtype_of, normal, param
@@ -44,6 +44,10 @@ class LayerContext:
   positions: jnp.ndarray | None = None     # [B, T] int32
   segments: jnp.ndarray | None = None      # [B, T] int32
   valid: jnp.ndarray | None = None         # [B, T] bool: prefill only, real prompt tokens
+  # Training only, budget-aware (ag_jax.capacity_view): each token's segment's context
+  # length and kept-token capacity, [B, T] int32; None: the gates' flags alone.
+  context_length: jnp.ndarray | None = None
+  capacity: jnp.ndarray | None = None
   mode: str = flax.struct.field(pytree_node=False, default="train")
   # Prefill only (decode reads them from the cache): see ag_jax.inference.
   policy: Any = flax.struct.field(pytree_node=False, default=None)
@@ -140,9 +144,24 @@ class DecoderLayer(nn.Module):
     if forced_keep is not None:
       flags = forced_keep.astype(bool)
       keep = flags.astype(jnp.float32)
+    if ctx.context_length is not None and prob is not None:
+      return self.finish(x, self.attend_under_capacity(h, prob, flags, keep, ctx)), (prob, flags)
     x = x + self.attn(h, ctx.positions, ctx.segments, self.inv_freq, keep,
                       ctx.backend).astype(x.dtype)
     return self.mlp_block(x), (prob, flags)
+
+  def attend_under_capacity(self, h, prob, flags, keep, ctx: LayerContext):
+    """The budget-aware training view (ag_jax.capacity_view): queries inside a context see
+    the gates' flags, queries after it see the context's top-capacity flagged tokens and
+    everything after the context. h [B, T, E]; prob, flags, keep [B, K, T].
+    -> attended [B, T, K, G, H]. Two passes over the keys: one per set of key flags."""
+    q, k, v = self.project(h, ctx.positions)
+    inside = attend(q, k, v, ctx.positions, ctx.segments, keep, ctx.backend)
+    after_keep = capacity_view.after_context_keep(prob, flags, ctx.positions, ctx.segments,
+                                                  ctx.context_length, ctx.capacity)
+    after = attend(q, k, v, ctx.positions, ctx.segments, after_keep, ctx.backend)
+    _, after_context = capacity_view.regions(ctx.positions, ctx.context_length)
+    return jnp.where(after_context[:, :, None, None, None], after, inside)
 
 
 class Llama(nn.Module):
@@ -182,18 +201,21 @@ class Llama(nn.Module):
   def context(self, positions, segment_ids, **static) -> LayerContext:
     return LayerContext(positions, segment_ids.astype(jnp.int32), **static)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, keep=None, return_gates=False):
+  def __call__(self, tokens, positions=None, segment_ids=None, keep=None, return_gates=False,
+               context_length=None, capacity=None):
     """Training view. tokens int32 [B, T] -> logits [B, T, V] (fp32).
 
     positions [B, T] (default 0..T-1), segment_ids [B, T] (default all 1: one document;
     packed documents never attend to each other), keep [layers, B, K, T] bool forces the
     flags instead of the gates. return_gates adds (probs, flags), each [layers, B, K, T]
-    (probs is None without a gate).
+    (probs is None without a gate). context_length, capacity [B, T] int32: the budget-aware
+    view (ag_jax.capacity_view), equal to the kvpress protocol's prefill + Full read-out.
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
     segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    x, (probs, flags) = self.layers(self.embed(tokens), self.context(positions, segment_ids), keep)
+    ctx = self.context(positions, segment_ids, context_length=context_length, capacity=capacity)
+    x, (probs, flags) = self.layers(self.embed(tokens), ctx, keep)
     logits = self.logits(x)
     return (logits, (probs, flags)) if return_gates else logits
 

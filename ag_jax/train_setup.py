@@ -132,7 +132,8 @@ def _iterator(cfg: TrainConfig, source, tokenizer, data_slice, shuffle: bool):
   return DataIterator(source, tokenizer, cfg.data.seq_len, cfg.data.batch_size, seed=cfg.data.seed,
                       shuffle=shuffle, process_index=index, process_count=count,
                       sft=cfg.data.sft, text_field=cfg.data.text_field,
-                      response_weight=cfg.data.response_weight)
+                      response_weight=cfg.data.response_weight,
+                      budgets=cfg.gate.train_budgets if cfg.gate is not None else None)
 
 
 def eval_batches(run: Run) -> Iterator[dict[str, np.ndarray]]:

@@ -89,15 +89,18 @@ def init_state(trainable_params: Any, tx: optax.GradientTransformation) -> Train
 # Steps
 
 
-def training_forward(module: Llama, tokens, positions, segment_ids, backend=None):
+def training_forward(module: Llama, tokens, positions, segment_ids, backend=None,
+                     context_length=None, capacity=None):
   """The training view up to the output projection (a `method=` for `Llama.apply`).
 
   -> (hidden [B, T, E] after the final norm, head [E, V], (probs, flags)): what
   `Llama.__call__(..., return_gates=True)` computes before its logits, so the LM loss can be
   taken in chunks (`losses.lm_loss_chunked`) and [B, T, V] never exists. `backend` picks the
   gated attention (None: the dispatcher's choice; "dense": the [T, S] statement, benchmarks).
+  context_length, capacity [B, T]: the budget-aware view (`ag_jax.capacity_view`).
   """
-  ctx = module.context(positions, segment_ids, backend=backend)
+  ctx = module.context(positions, segment_ids, backend=backend, context_length=context_length,
+                       capacity=capacity)
   x, gates = module.layers(module.embed(tokens), ctx, None)
   head = module.embedding.T if module.cfg.tie_embeddings else module.lm_head
   return module.final_norm(x), head, gates
@@ -111,12 +114,17 @@ def make_loss_fn(model: Llama, trainable: str, loss_chunk: int | None = None,
   whole [B, T, V] logits exist neither in the forward nor in the backward pass.
   """
   gate_cfg = model.gate
+  budget_aware = gate_cfg is not None and gate_cfg.train_budgets is not None
 
   def loss_fn(trainable_params, frozen, batch):
     params = merge_params(trainable_params, frozen, trainable)
+    # The capacity rule of the kvpress protocol inside the view (gate.train_budgets): the
+    # data iterator drew each row's capacity (`capacity_view.draw_capacity`).
+    under_budget = dict(context_length=batch["context_length"],
+                        capacity=batch["context_capacity"]) if budget_aware else {}
     hidden, head, (probs, flags) = model.apply(  # hidden [B, T, E]; probs, flags [L, B, K, T]
         {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-        backend, method=training_forward)
+        backend, method=training_forward, **under_budget)
     lm, count = losses.lm_loss_chunked(hidden, head, batch["targets"], batch["loss_mask"],
                                        loss_chunk)
     metrics = {"lm_loss": lm, "tokens": count}

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ag_jax import capacity_view
 from ag_jax.data import packing
 
 STATE_FORMAT = 1
@@ -75,14 +76,15 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True):
 
 
 class DataIterator:
-  """Packed numpy batches {tokens, targets, positions, segment_ids: int32, loss_mask:
-  float32}, each [batch_size // process_count, seq_len]: this process's rows."""
+  """Packed numpy batches {tokens, targets, positions, segment_ids, context_length: int32,
+  loss_mask: float32} (and context_capacity int32 with `budgets`), each
+  [batch_size // process_count, seq_len]: this process's rows."""
 
   def __init__(self, source, tokenizer, seq_len: int, batch_size: int, seed: int = 0,
                shuffle: bool = True, process_index: int = 0, process_count: int = 1,
                sft: bool = False, num_epochs: int | None = None, text_field: str = "text",
                prompt_field: str = "prompt", response_field: str = "response",
-               response_weight: float = 1.0):
+               response_weight: float = 1.0, budgets=None):
     if len(source) == 0:
       raise ValueError("the data source is empty")
     if batch_size % process_count or not 0 <= process_index < process_count:
@@ -90,6 +92,9 @@ class DataIterator:
                        f"processes and process_index {process_index} be one of them")
     self.source, self.tokenizer = source, tokenizer
     self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
+    # Budget-aware gate training (GateConfig.train_budgets): each row's context capacity,
+    # batch key "context_capacity" [B, T] int32 (`capacity_view.draw_capacity`).
+    self.budgets = None if budgets is None else tuple(float(b) for b in budgets)
     self.num_docs, self.num_epochs = len(source), num_epochs
     if not response_weight > 0:
       raise ValueError(f"response_weight must be positive, got {response_weight}")
@@ -111,7 +116,10 @@ class DataIterator:
     return int(self._perms[epoch][i])
 
   def _tokenize(self, index: int):
-    return packing.tokenize_weighted(self.source[index], self.tokenizer, **self.fields)
+    """(tokens, num_prompt, weights, context_tokens) of document `index`."""
+    example = self.source[index]
+    return (*packing.tokenize_weighted(example, self.tokenizer, **self.fields),
+            packing.example_context_tokens(example))
 
   def _supplier(self, row: int):
     def supply():
@@ -121,9 +129,9 @@ class DataIterator:
           return None
         self.cursors[row] += 1
         index = self._doc_index(position)
-        tokens, num_prompt, weights = self._tokenize(index)
+        tokens, num_prompt, weights, context = self._tokenize(index)
         if len(tokens) >= 2:
-          return index, tokens, num_prompt, weights
+          return index, tokens, num_prompt, weights, context
       raise ValueError(f"{self.num_docs} documents in a row tokenized to < 2 tokens")
     return supply
 
@@ -135,8 +143,12 @@ class DataIterator:
     if all(row is None for row in rows):
       raise StopIteration
     empty = packing.build_row([], self.seq_len, self.tokenizer.pad_id)
+    batch = packing.stack_rows([empty if row is None else row for row in rows])
+    if self.budgets is not None:
+      batch["context_capacity"] = capacity_view.draw_capacity(
+          batch["context_length"], self.budgets, self.seed, self.step, self.rows)
     self.step += 1
-    return packing.stack_rows([empty if row is None else row for row in rows])
+    return batch
 
   @property
   def epoch(self) -> int:
@@ -169,8 +181,9 @@ class DataIterator:
       self.packers[r].pending = None
       if row["pending"] is not None:
         ref, offset = (int(x) for x in row["pending"])
-        tokens, num_prompt, weights = self._tokenize(ref)
-        self.packers[r].pending = packing.Pending(ref, tokens, num_prompt, offset, weights)
+        tokens, num_prompt, weights, context = self._tokenize(ref)
+        self.packers[r].pending = packing.Pending(ref, tokens, num_prompt, offset, weights,
+                                                  context)
     self.step = int(state["step"])
 
   def _identity(self) -> dict:

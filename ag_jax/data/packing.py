@@ -14,6 +14,11 @@ Per row (all [seq_len]):
   targets      int32   tokens[t + 1] when t + 1 is in the same segment, else pad_id
   positions    int32   0, 1, 2, ... restarting at each segment
   segment_ids  int32   1, 2, ... per segment, 0 on padding
+  context_length int32 per token, its segment's context: the leading tokens (BOS included)
+                       that the kvpress protocol compresses before the question (an
+                       example's "context_tokens"); 0 for a segment without one (plain
+                       text, or a document cut across rows). Budget-aware gate training
+                       (`ag_jax.capacity_view`) reads it.
   loss_mask    float32 the weight of targets[t]: 0 on padding and on a segment's last
                        token; for SFT examples 0 unless the target is a response token (so
                        the last prompt token, which predicts the first response token, is
@@ -40,7 +45,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "context_length", "loss_mask")
 
 
 def _as_str(value) -> str:
@@ -108,9 +113,15 @@ def tokenize_weighted(example: dict, tokenizer, *, sft: bool = False,
   return ids, (num_response_start if sft else 0), weights
 
 
+def example_context_tokens(example: dict) -> int:
+  """An example's leading context tokens, BOS included (its "context_tokens"; 0: none)."""
+  return int(example.get("context_tokens", 0) or 0)
+
+
 def build_row(pieces: Sequence[tuple], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """One packed row from (tokens, num_prompt) or (tokens, num_prompt, weights) pieces whose
-  lengths sum to <= seq_len; weights [n] (None: all 1) are each token's weight as a target."""
+  """One packed row from (tokens, num_prompt[, weights[, context_tokens]]) pieces whose
+  lengths sum to <= seq_len; weights [n] (None: all 1) are each token's weight as a target;
+  context_tokens (default 0) the piece's leading context (see `context_length`)."""
   row = {k: np.zeros(seq_len, np.int32) for k in ROW_KEYS[:-1]}
   row["tokens"][:] = pad_id
   row["targets"][:] = pad_id
@@ -118,6 +129,7 @@ def build_row(pieces: Sequence[tuple], seq_len: int, pad_id: int) -> dict[str, n
   start = 0
   for segment, (tokens, num_prompt, *rest) in enumerate(pieces, start=1):
     weights = rest[0] if rest else None
+    context_tokens = int(rest[1]) if len(rest) > 1 else 0
     n, end = len(tokens), start + len(tokens)
     if end > seq_len:
       raise ValueError(f"pieces of {end} tokens do not fit in a row of {seq_len}")
@@ -125,6 +137,7 @@ def build_row(pieces: Sequence[tuple], seq_len: int, pad_id: int) -> dict[str, n
     row["targets"][start:end - 1] = tokens[1:]
     row["positions"][start:end] = np.arange(n)
     row["segment_ids"][start:end] = segment
+    row["context_length"][start:end] = context_tokens if context_tokens < n else 0
     # Target of position t is token t + 1: trained iff that token is past the prompt.
     row["loss_mask"][start:end - 1] = np.arange(1, n) >= num_prompt
     if weights is not None:
@@ -147,10 +160,11 @@ class Pending:
   num_prompt: int
   offset: int = 0
   weights: np.ndarray | None = None  # [len(tokens)] target weights; None: all 1
+  context_tokens: int = 0  # leading context tokens (row key context_length); 0: none
 
 
-# A supplier returns the next document as (ref, tokens, num_prompt) or (ref, tokens,
-# num_prompt, weights), or None when done.
+# A supplier returns the next document as (ref, tokens, num_prompt[, weights[,
+# context_tokens]]), or None when done.
 Supplier = Callable[[], "tuple | None"]
 
 
@@ -163,11 +177,14 @@ class RowPacker:
     self.seq_len, self.pad_id = seq_len, pad_id
     self.pending: Pending | None = None
 
-  def _next_chunk(self) -> tuple[np.ndarray, int, np.ndarray | None]:
+  def _next_chunk(self) -> tuple[np.ndarray, int, np.ndarray | None, int]:
     p = self.pending
     cut = slice(p.offset, p.offset + self.seq_len)
     weights = None if p.weights is None else p.weights[cut]
-    return p.tokens[cut], max(0, p.num_prompt - p.offset), weights
+    # A document cut across rows loses its context: its question is in another segment.
+    whole = p.offset == 0 and len(p.tokens) <= self.seq_len
+    return p.tokens[cut], max(0, p.num_prompt - p.offset), weights, \
+        p.context_tokens if whole else 0
 
   def _advance(self) -> None:
     p = self.pending
@@ -184,12 +201,13 @@ class RowPacker:
         doc = supply()
         if doc is None:
           break
-        ref, tokens, num_prompt, *weights = doc
-        self.pending = Pending(ref, tokens, num_prompt, weights=weights[0] if weights else None)
-      chunk, num_prompt, weights = self._next_chunk()
+        ref, tokens, num_prompt, *rest = doc
+        self.pending = Pending(ref, tokens, num_prompt, weights=rest[0] if rest else None,
+                               context_tokens=int(rest[1]) if len(rest) > 1 else 0)
+      chunk, num_prompt, weights, context_tokens = self._next_chunk()
       if used + len(chunk) > self.seq_len:
         break  # starts the next row
-      pieces.append((chunk, num_prompt, weights))
+      pieces.append((chunk, num_prompt, weights, context_tokens))
       used += len(chunk)
       self._advance()
     return build_row(pieces, self.seq_len, self.pad_id) if pieces else None
@@ -206,7 +224,7 @@ def pack_documents(examples: Iterable[dict], tokenizer, seq_len: int, *,
       tokens, num_prompt, weights = tokenize_weighted(
           example, tokenizer, sft=sft, response_weight=response_weight, **fields)
       if len(tokens) >= 2:  # a lone token has nothing to predict
-        return i, tokens, num_prompt, weights
+        return i, tokens, num_prompt, weights, example_context_tokens(example)
     return None
 
   packer = RowPacker(seq_len, tokenizer.pad_id)

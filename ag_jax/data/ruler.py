@@ -407,7 +407,9 @@ def _finish(config, tokenizer, context, question, answers, joins, **meta) -> dic
   return {"task": config.task, "context": context, "question": question,
           "answers": list(answers), "joins": joins, "answer": answer, "prompt": context + question,
           "response": answer, "text": context + question + answer,
-          "length": count_tokens(tokenizer, context), **meta}
+          # BOS + context: the prompt's leading tokens a kvpress cache compresses
+          "length": count_tokens(tokenizer, context), "context_tokens": count_tokens(tokenizer, context),
+          **meta}
 
 
 def score_items(generated: str, answers: Sequence[str]) -> float:

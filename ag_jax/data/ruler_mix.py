@@ -332,7 +332,7 @@ class RulerSource:
       raise IndexError(f"index {index} out of range for RulerSource of size {self.size}")
     ex = self.mix.example(self.tokenizer, self.split, i, self.root, self.limit)
     return {k: ex[k] for k in ("task", "text", "prompt", "response", "prompt_weight",
-                                 "eos_weight", "pieces") if k in ex}
+                                 "eos_weight", "pieces", "context_tokens") if k in ex}
 
   def __getitems__(self, indices) -> list[dict]:
     return [self[i] for i in indices]

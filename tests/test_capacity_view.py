@@ -1,0 +1,198 @@
+"""Budget-aware training (issue 14): the capacity rule inside the training view equals the
+kvpress protocol's cache (prefill, compress to c, read the rest with room), and its pieces
+(the per-segment top-c rank, the straight-through keep, the data's context lengths and drawn
+capacities) against numpy statements."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ag_jax
+from ag_jax import capacity_view, policies
+from ag_jax.config import ConfigError, GateConfig
+from ag_jax.data import DataIterator, packing
+from test_engine import LENGTHS, STEPS, half_evicting, sequences
+
+
+def capped_reference(prob, flags, positions, segments, context_length, capacity):
+  """numpy: per (row, head, segment), the flagged context tokens sorted by (-prob, time),
+  the first `capacity` of them."""
+  b, k, t = prob.shape
+  out = np.zeros((b, k, t), bool)
+  for r, h in np.ndindex(b, k):
+    for s in set(segments[r].tolist()) - {0}:
+      members = [j for j in range(t) if segments[r, j] == s
+                 and positions[r, j] < context_length[r, j]]
+      chosen = sorted((j for j in members if flags[r, h, j]), key=lambda j: (-prob[r, h, j], j))
+      for j in chosen[:capacity[r, members[0]]] if members else []:
+        out[r, h, j] = True
+  return out
+
+
+def packed_rows(rng, t=40):
+  """Rows of 2-3 segments, some with a context (and a question after it), some plain,
+  padding at the end."""
+  b = 3
+  positions, segments = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+  context_length, capacity = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+  for r in range(b):
+    start = 0
+    for s in range(1, 4):
+      n = int(rng.integers(6, 14))
+      if start + n > t - 2:
+        break
+      positions[r, start:start + n] = np.arange(n)
+      segments[r, start:start + n] = s
+      if rng.random() < 0.7:  # a context of n - 3 tokens, then a 3-token question
+        context_length[r, start:start + n] = n - 3
+        capacity[r, start:start + n] = int(rng.integers(1, n - 2))
+      start += n
+  return positions, segments, context_length, capacity
+
+
+def test_capped_flags_match_numpy_reference():
+  rng = np.random.default_rng(0)
+  positions, segments, context_length, capacity = packed_rows(rng)
+  b, t, k = *positions.shape, 2
+  # Probabilities on a coarse grid: ties happen, and the earlier token must win them.
+  prob = rng.integers(0, 6, (b, k, t)).astype(np.float32) / 5.0
+  flags = prob > 0.3
+  got = capacity_view.capped_flags(jnp.asarray(prob), jnp.asarray(flags), jnp.asarray(positions),
+                                   jnp.asarray(segments), jnp.asarray(context_length),
+                                   jnp.asarray(capacity))
+  want = capped_reference(prob, flags, positions, segments, context_length, capacity)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  assert want.sum() < (flags & (positions < context_length)[:, None]).sum()  # the cap binds
+
+
+def test_after_context_keep_is_straight_through():
+  """Forward exactly 0/1 (the capped flags; 1 after the context); backward the identity to
+  the keep probability of every context token, kept or cut, and nothing after it."""
+  rng = np.random.default_rng(1)
+  positions, segments, context_length, capacity = packed_rows(rng)
+  b, t, k = *positions.shape, 2
+  prob = jnp.asarray(rng.uniform(0, 1, (b, k, t)).astype(np.float32))
+  args = (jnp.asarray(positions), jnp.asarray(segments), jnp.asarray(context_length),
+          jnp.asarray(capacity))
+  keep = capacity_view.after_context_keep(prob, prob > 0.5, *args)
+  in_context, after = (np.asarray(x) for x in capacity_view.regions(args[0], args[2]))
+  capped = np.asarray(capacity_view.capped_flags(prob, prob > 0.5, *args))
+  np.testing.assert_array_equal(np.asarray(keep), np.where(in_context[:, None], capped, 1.0))
+  weights = jnp.asarray(rng.standard_normal((b, k, t)).astype(np.float32))
+  grad = jax.grad(lambda p: jnp.sum(capacity_view.after_context_keep(p, p > 0.5, *args)
+                                    * weights))(prob)
+  np.testing.assert_allclose(np.asarray(grad), np.where(in_context[:, None], weights, 0.0))
+  assert (in_context[:, None] & ~capped & (np.asarray(prob) > 0.5)).any()  # some were cut
+
+
+@pytest.fixture(scope="module")
+def gated(tiny_cfg):
+  model = ag_jax.Llama(tiny_cfg, gate=GateConfig(num_heads=2, head_dim=8))
+  return model, half_evicting(model, seed=1)
+
+
+def test_budget_view_equals_the_kvpress_cache(gated):
+  """The invariant extended to the capacity rule: prefill the prompt (the context), compress
+  it to c kept tokens per row, read the continuation with room kept for it: the logits equal
+  the training view with context_length = the prompt and capacity = c, at every position."""
+  model, variables = gated
+  prompts, continuation, joined = sequences(model.cfg.vocab_size, seed=1)
+  capacity = 3
+  with jax.default_matmul_precision("highest"):
+    logits, cache = ag_jax.prefill(model, variables, prompts, LENGTHS, capacity=capacity,
+                                   reserve=STEPS, all_logits=True)
+    assert cache.policy == policies.Full()
+    steps = []
+    for j in range(STEPS):
+      step_logits, cache = ag_jax.decode_step(model, variables, cache, continuation[:, j])
+      steps.append(np.asarray(step_logits))
+    t = joined.shape[1]
+    context_length = np.repeat(LENGTHS[:, None], t, axis=1).astype(np.int32)
+    view, (_, flags) = model.apply(variables, jnp.asarray(joined), return_gates=True,
+                                   context_length=jnp.asarray(context_length),
+                                   capacity=jnp.full((len(LENGTHS), t), capacity, jnp.int32))
+    plain = np.asarray(model.apply(variables, jnp.asarray(joined)))
+  view, flags = np.asarray(view), np.asarray(flags)
+  flagged = np.stack([flags[:, b, :, :n].sum(-1) for b, n in enumerate(LENGTHS)], 1)  # [L, B, K]
+  assert (flagged > capacity).any(), "the capacity must bind somewhere"
+  np.testing.assert_array_equal(np.asarray(cache.length), np.minimum(flagged, capacity) + STEPS)
+  worst_plain = 0.0
+  for b, n in enumerate(LENGTHS):
+    np.testing.assert_allclose(np.asarray(logits)[b, :n], view[b, :n], atol=1e-4)
+    for j in range(STEPS):
+      np.testing.assert_allclose(steps[j][b], view[b, n + j], atol=1e-4)
+      worst_plain = max(worst_plain, np.abs(steps[j][b] - plain[b, n + j]).max())
+  assert worst_plain > 1e-2  # the gates' flags alone are another function
+
+
+def test_packing_marks_each_segments_context():
+  doc = lambda n, ctx: (np.arange(1, n + 1, dtype=np.int32), 0, None, ctx)
+  row = packing.build_row([doc(6, 4), doc(5, 0), doc(4, 3)], seq_len=20, pad_id=0)
+  np.testing.assert_array_equal(row["context_length"],
+                                [4] * 6 + [0] * 5 + [3] * 4 + [0] * 5)
+  # A document cut across rows loses its context (its question lands in another segment).
+  packer = packing.RowPacker(seq_len=6, pad_id=0)
+  docs = iter([(0, np.arange(1, 10, dtype=np.int32), 0, None, 5)])
+  first = packer.next_row(lambda: next(docs, None))
+  assert (first["context_length"] == 0).all()
+
+
+class ContextDocs:
+  """Documents of 8 + i % 5 tokens with a context of all but the last 3."""
+
+  def __len__(self):
+    return 64
+
+  def __getitem__(self, i):
+    n = 8 + i % 5
+    return {"text": "x" * (n - 2), "context_tokens": n - 3}
+
+
+def test_iterator_draws_capacities_per_global_row():
+  from ag_jax.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  budgets = (0.25, 0.5, 1.0)
+  kwargs = dict(seq_len=16, batch_size=4, seed=3, shuffle=True, budgets=budgets)
+  whole = DataIterator(ContextDocs(), tok, **kwargs)
+  halves = [DataIterator(ContextDocs(), tok, process_index=p, process_count=2, **kwargs)
+            for p in range(2)]
+  for _ in range(3):
+    batch = next(whole)
+    parts = [next(h) for h in halves]
+    np.testing.assert_array_equal(batch["context_capacity"],
+                                  np.concatenate([p["context_capacity"] for p in parts]))
+    n = batch["context_length"]
+    assert (n > 0).any()
+    ratio = {round(c / m, 6) for c, m in zip(batch["context_capacity"][n > 0], n[n > 0])}
+    allowed = [max(1, int(m * b)) for m in range(1, 17) for b in budgets]
+    assert all(c in allowed for c in batch["context_capacity"][n > 0])
+    assert np.all(batch["context_capacity"][n == 0] == 0) and ratio
+  plain = next(DataIterator(ContextDocs(), tok, seq_len=16, batch_size=4, seed=3))
+  assert "context_capacity" not in plain
+
+
+def test_ruler_contexts_are_the_prompts_first_tokens():
+  from ag_jax.data import ruler_mix
+  from ag_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer("stdlib_bpe:2048")
+  source = ruler_mix.open_spec("ruler:tasks=niah_multikey+niah_multivalue+niah_multiquery+vt,"
+                               "min_length=96,max_length=200,lm_fraction=0.2,questions=2", "train")
+  seen = 0
+  for i in range(12):
+    full = source.mix.example(tok, "train", i)
+    ex = source[i]
+    n = packing.example_context_tokens(ex)
+    if full["task"] == "lm":
+      assert n == 0
+      continue
+    ids, _, _ = packing.tokenize_weighted(ex, tok, response_weight=5.0)
+    assert list(ids[:n]) == tok.encode(full["context"], add_bos=True) and len(ids) > n
+    seen += 1
+  assert seen >= 6
+
+
+@pytest.mark.parametrize("budgets", [(), (0.0,), (1.5,), ("0.25",), (True,)])
+def test_bad_train_budgets_are_refused(budgets):
+  with pytest.raises(ConfigError, match="train_budgets"):
+    GateConfig(train_budgets=budgets)
