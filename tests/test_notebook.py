@@ -32,9 +32,8 @@ def test_ablation_notebook_runs_small(tmp_path, monkeypatch):
       ["ag", "full", "streaming_llm", "h2o", "snapkv", "random", "local"])
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
   with open(out / "gate_ablations" / "results.json") as f:
-    variants = {r["policy"] for r in json.load(f)["rows"]}
-  assert variants == {"baseline (attention, 2 heads, l2)", "gate: linear", "gate heads: 1",
-                      "loss: hinge", "loss: linear"}
+    variants = {r["variant"] for r in json.load(f)}
+  assert variants == {"recipe", "gate kind: linear", "gate heads: 2", "loss: l2", "loss: linear"}
   for png in ("policies_vs_kept.png", "ag_kept_heatmap.png", "ag_keep_map.png",
               "ablations_vs_kept.png"):
     assert (out / png).stat().st_size > 1000
