@@ -3,8 +3,8 @@
 At inference under the kvpress protocol a prompt's context is prefilled with the gates' flags,
 then each (layer, KV head) row keeps at most `c = max(1, int(n * budget))` of the n context
 tokens: the flagged ones with the highest keep probability, ties to the earlier token
-(`pallas_kernels.compact`); the question and answer that follow are all kept. The gates were
-trained for their flags alone, so under a tight budget they met a ranking they never learned.
+(`pallas_kernels.compact`); the question and answer that follow are all kept. Gates trained
+for their flags alone met, under a tight budget, a ranking they never learned.
 
 This module states that rule for the training view, so the gates train under it:
 
@@ -12,6 +12,11 @@ This module states that rule for the training view, so the gates train under it:
     context iff it is flagged and ranks < c among its segment's flagged context tokens;
   * the tokens after the context are always visible to later ones (nothing evicts them);
   * the queries *inside* the context see the gates' flags as before (prefill attends that way).
+
+A segment with capacity 0 (budget 1 drawn, plain text, no context) gets the plain view: the
+gates' flags everywhere, question and answer included, as the decode protocol without
+overflow computes it. Mixing those rows in keeps the question's own flags trained (the
+decode protocol caches the question under the gates too).
 
 With the straight-through gradient a needle cut by the capacity still gets the gradient of
 its keep probability, so the LM loss of the answer raises it above the tokens that won.
@@ -37,17 +42,19 @@ def draw_capacity(context_length: np.ndarray, budgets, seed: int, step: int,
                   rows) -> np.ndarray:
   """context_length [B, T] int -> capacity [B, T] int32: row r of the global batch trains
   under one budget drawn from `budgets` by (seed, step, r), so the draw does not depend on
-  how many processes feed the batch, and a resumed run draws the same; 0 where there is no
-  context. `rows`: the global row index of each of the B local rows."""
-  chosen = [budgets[np.random.default_rng([seed, step, r, 0xCA9]).integers(len(budgets))]
-            for r in rows]
-  capacity = kvpress_capacity(context_length, np.asarray(chosen, np.float64)[:, None])
-  return np.where(np.asarray(context_length) > 0, capacity, 0).astype(np.int32)
+  how many processes feed the batch, and a resumed run draws the same. 0 (the plain view)
+  where there is no context or the budget is 1. `rows`: the global row index of each of
+  the B local rows."""
+  chosen = np.asarray([budgets[np.random.default_rng([seed, step, r, 0xCA9]).integers(
+      len(budgets))] for r in rows], np.float64)[:, None]  # [B, 1]
+  capacity = kvpress_capacity(context_length, chosen)
+  return np.where((np.asarray(context_length) > 0) & (chosen < 1.0), capacity, 0).astype(np.int32)
 
 
-def regions(positions, context_length):
-  """positions, context_length [B, T] -> (in_context, after_context) [B, T] bool."""
-  has_context = context_length > 0
+def regions(positions, context_length, capacity):
+  """positions, context_length, capacity [B, T] -> (in_context, after_context) [B, T] bool
+  of the segments under a capacity (capacity 0: the plain view, neither)."""
+  has_context = (context_length > 0) & (capacity > 0)
   return has_context & (positions < context_length), has_context & (positions >= context_length)
 
 
@@ -55,7 +62,7 @@ def capped_flags(prob, flags, positions, segments, context_length, capacity):
   """prob [B, K, T] f32, flags [B, K, T] bool -> [B, K, T] bool: which context tokens the
   capacity rule keeps (False outside the context). Per (row, head, segment): flagged first,
   then higher prob, then earlier token, as `compaction_plan` ranks."""
-  in_context, _ = regions(positions, context_length)
+  in_context, _ = regions(positions, context_length, capacity)
   b, k, t = prob.shape
   candidate = flags & in_context[:, None, :]  # [B, K, T]
   # Sort each (row, head) by (segment, not candidate, -prob, time); a non-context token
@@ -78,8 +85,14 @@ def capped_flags(prob, flags, positions, segments, context_length, capacity):
 
 def after_context_keep(prob, flags, positions, segments, context_length, capacity):
   """The key flags the queries after the context see, [B, K, T] f32 with the straight-through
-  gradient of `prob` on context tokens (forward exactly 0/1); tokens after the context: 1."""
-  in_context, _ = regions(positions, context_length)
+  gradient of `prob` on context tokens (forward exactly 0/1); tokens after the context: 1.
+  Outside the segments under a capacity: `flags` with the straight-through gradient (the
+  plain view)."""
+  in_context, _ = regions(positions, context_length, capacity)
   capped = capped_flags(prob, flags, positions, segments, context_length, capacity)
   straight = capped.astype(prob.dtype) + (prob - jax.lax.stop_gradient(prob))
-  return jnp.where(in_context[:, None, :], straight, 1.0)
+  _, after_context = regions(positions, context_length, capacity)
+  plain = flags.astype(prob.dtype) + (prob - jax.lax.stop_gradient(prob))
+  under = in_context | after_context  # [B, T]: the segments under a capacity
+  return jnp.where(in_context[:, None, :], straight,
+                   jnp.where(under[:, None, :], 1.0, plain))

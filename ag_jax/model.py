@@ -160,7 +160,7 @@ class DecoderLayer(nn.Module):
     after_keep = capacity_view.after_context_keep(prob, flags, ctx.positions, ctx.segments,
                                                   ctx.context_length, ctx.capacity)
     after = attend(q, k, v, ctx.positions, ctx.segments, after_keep, ctx.backend)
-    _, after_context = capacity_view.regions(ctx.positions, ctx.context_length)
+    _, after_context = capacity_view.regions(ctx.positions, ctx.context_length, ctx.capacity)
     return jnp.where(after_context[:, :, None, None, None], after, inside)
 
 
