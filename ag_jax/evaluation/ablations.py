@@ -4,10 +4,10 @@
       --steps 300 --seeds 0,1,2 --out docs/ablations
 
 Each variant is the recipe with one change (gate kind, gate heads, gate head size, loss form,
-target keep ratio, budget-aware training off), trained with the base frozen for the same
-steps and seeds, then scored on the RULER-style suite (test split) under the kvpress
-protocol with the AG policy at every budget (1 = the gates' own flags, an ample cache):
-accuracy and the kept share. Writes results.json (one row per variant, seed, task, length
+target keep ratio, budget-aware training off, the paper's unbounded gate layout), trained
+with the base frozen for the same steps and seeds, then scored on the RULER-style suite
+(test split) under the kvpress protocol with the AG policy at every budget (1 = the gates'
+own flags, an ample cache): accuracy and the kept share. Writes results.json (one row per variant, seed, task, length
 and budget) and results.md (mean and worst over seeds). A variant whose gates are already in
 `--work-dir` is not trained again, so an interrupted run continues with the same command.
 """
@@ -38,6 +38,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "target keep: 0.1": ("gate.target_keep=0.1",),
     "target keep: 0.5": ("gate.target_keep=0.5",),
     "flags alone (no budget-aware training)": ("gate.train_budgets=null",),
+    # The paper's MHA' layout (issue 10's "before"): 4 heads x 32 with their own k/v over the
+    # whole context, a gate cache that grows with it.
+    "gate layout: paper (4 x 32, own k/v, whole context)": (
+        "gate.num_heads=4", "gate.num_kv_heads=null", "gate.head_dim=32", "gate.window=null"),
 }
 
 
