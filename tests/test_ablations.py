@@ -52,3 +52,16 @@ def test_bad_input_is_one_error_line(flags, message, tmp_path, capsys):
   assert ablations.main(["--out", str(tmp_path)] + flags) == 2
   err = capsys.readouterr().err
   assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_every_variant_is_a_valid_change_of_the_recipe(tmp_path):
+  """Each variant builds a TrainConfig that differs from the recipe's in what it names."""
+  recipe = os.path.join(ROOT, "configs", "train", "ruler_gates.yaml")
+  base = ablations.variant_config(recipe, (), None, 0, str(tmp_path))
+  for name, changes in ablations.VARIANTS.items():
+    cfg = ablations.variant_config(recipe, changes, 3, 1, str(tmp_path / "v"))
+    assert cfg.run.steps == 3 and cfg.run.seed == 1 and cfg.data.seed == 1
+    for change in changes:
+      section, key = change.split("=")[0].split(".")
+      assert getattr(getattr(cfg, section), key) != getattr(getattr(base, section), key), \
+          (name, change)
