@@ -33,8 +33,8 @@ from jax import lax
 
 
 def kvpress_capacity(context_tokens, budget):
-  """kvpress's rounding, max(1, int(n * budget)), in float64 as Python computes it
-  (`ag_jax.evaluation.ruler_eval.kvpress_capacity`); arrays broadcast."""
+  """kvpress's rounding, max(1, int(n * budget)), in float64 as Python computes it (the
+  evaluation's `ruler_eval.kvpress_capacity` calls this); arrays broadcast."""
   return np.maximum(1, np.floor(np.asarray(context_tokens, np.float64) * budget)).astype(np.int32)
 
 
@@ -84,15 +84,11 @@ def capped_flags(prob, flags, positions, segments, context_length, capacity):
 
 
 def after_context_keep(prob, flags, positions, segments, context_length, capacity):
-  """The key flags the queries after the context see, [B, K, T] f32 with the straight-through
-  gradient of `prob` on context tokens (forward exactly 0/1); tokens after the context: 1.
-  Outside the segments under a capacity: `flags` with the straight-through gradient (the
-  plain view)."""
+  """The key flags the queries after a context see, [B, K, T] f32: on context tokens the
+  capped flags with the straight-through gradient of `prob` (forward exactly 0/1), 1
+  elsewhere (the tokens after the context; other segments' keys are masked by segment, and
+  queries of a segment without a capacity never read these flags)."""
   in_context, _ = regions(positions, context_length, capacity)
   capped = capped_flags(prob, flags, positions, segments, context_length, capacity)
   straight = capped.astype(prob.dtype) + (prob - jax.lax.stop_gradient(prob))
-  _, after_context = regions(positions, context_length, capacity)
-  plain = flags.astype(prob.dtype) + (prob - jax.lax.stop_gradient(prob))
-  under = in_context | after_context  # [B, T]: the segments under a capacity
-  return jnp.where(in_context[:, None, :], straight,
-                   jnp.where(under[:, None, :], 1.0, plain))
+  return jnp.where(in_context[:, None, :], straight, 1.0)

@@ -144,7 +144,9 @@ class DecoderLayer(nn.Module):
     if forced_keep is not None:
       flags = forced_keep.astype(bool)
       keep = flags.astype(jnp.float32)
-    if ctx.context_length is not None and prob is not None:
+    # Only with gates and unforced flags: Llama.__call__ checks, make_loss_fn passes the
+    # arrays only for gates with train_budgets.
+    if ctx.context_length is not None:
       return self.finish(x, self.attend_under_capacity(h, prob, flags, keep, ctx)), (prob, flags)
     x = x + self.attn(h, ctx.positions, ctx.segments, self.inv_freq, keep,
                       ctx.backend).astype(x.dtype)
@@ -211,6 +213,11 @@ class Llama(nn.Module):
     (probs is None without a gate). context_length, capacity [B, T] int32: the budget-aware
     view (ag_jax.capacity_view), equal to the kvpress protocol's prefill + Full read-out.
     """
+    if (context_length is None) != (capacity is None):
+      raise ValueError("the budget-aware view needs context_length and capacity together")
+    if context_length is not None and (keep is not None or self.gate is None):
+      raise ValueError("the budget-aware view ranks the gates' keep probabilities: it needs "
+                       "gates and no forced keep flags")
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
     segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids

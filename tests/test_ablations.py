@@ -46,6 +46,10 @@ def test_variants_train_and_table(tmp_path, capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--variants", "gate kind: lstm"], "unknown"),
     (["--budgets", "0,0.5"], "budget must be in"),
+    (["--budgets", "half"], "--budgets must be comma-separated numbers"),
+    (["--tasks", "niah_multikey,needle"], "--tasks: unknown ['needle']"),
+    (["--set", "model.hf_path=" + os.path.join(default_world.ASSET_DIR, "model"),
+      "--lengths", "8"], "--lengths 8"),
     (["--config", os.path.join(ROOT, "configs", "train", "ruler_base.yaml")], "does not train gates"),
 ])
 def test_bad_input_is_one_error_line(flags, message, tmp_path, capsys):

@@ -69,9 +69,8 @@ def test_capped_flags_match_numpy_reference():
 
 
 def test_after_context_keep_is_straight_through():
-  """Forward exactly 0/1 (the capped flags; 1 after the context; the flags in a segment
-  without a capacity); backward the identity to the keep probability of every context token,
-  kept or cut, nothing after it, and the identity again where the view is plain."""
+  """Forward exactly 0/1 (the capped flags on context tokens, 1 elsewhere); backward the
+  identity to the keep probability of every context token, kept or cut, nothing elsewhere."""
   rng = np.random.default_rng(1)
   positions, segments, context_length, capacity = packed_rows(rng)
   b, t, k = *positions.shape, 2
@@ -83,12 +82,12 @@ def test_after_context_keep_is_straight_through():
   plain = ~(in_context | after)[:, None]  # [B, 1, T]
   capped = np.asarray(capacity_view.capped_flags(prob, prob > 0.5, *args))
   flags = np.asarray(prob) > 0.5
-  np.testing.assert_array_equal(np.asarray(keep), np.where(
-      in_context[:, None], capped, np.where(plain, flags, True)).astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(keep),
+                                np.where(in_context[:, None], capped, 1.0).astype(np.float32))
   weights = jnp.asarray(rng.standard_normal((b, k, t)).astype(np.float32))
   grad = jax.grad(lambda p: jnp.sum(capacity_view.after_context_keep(p, p > 0.5, *args)
                                     * weights))(prob)
-  np.testing.assert_allclose(np.asarray(grad), np.where(in_context[:, None] | plain, weights, 0.0))
+  np.testing.assert_allclose(np.asarray(grad), np.where(in_context[:, None], weights, 0.0))
   assert (in_context[:, None] & ~capped & flags).any()  # some were cut
   assert (plain & (context_length > 0)[:, None]).any()  # a context under budget 1
 
@@ -136,6 +135,21 @@ def test_budget_view_equals_the_kvpress_cache(gated):
       np.testing.assert_allclose(steps[j][b], view[b, n + j], atol=1e-4)
       worst_plain = max(worst_plain, np.abs(steps[j][b] - plain[b, n + j]).max())
   assert worst_plain > 1e-2  # the gates' flags alone are another function
+
+
+def test_budget_view_refuses_what_it_cannot_honour(gated, tiny_cfg):
+  model, variables = gated
+  tokens = jnp.ones((1, 8), jnp.int32)
+  n = jnp.full((1, 8), 5, jnp.int32)
+  with pytest.raises(ValueError, match="together"):
+    model.apply(variables, tokens, context_length=n)
+  with pytest.raises(ValueError, match="no forced keep"):
+    model.apply(variables, tokens, context_length=n, capacity=n,
+                keep=jnp.ones((tiny_cfg.num_layers, 1, tiny_cfg.num_kv_heads, 8), bool))
+  plain = ag_jax.Llama(tiny_cfg)
+  with pytest.raises(ValueError, match="it needs gates"):
+    plain.apply(ag_jax.init_variables(plain, jax.random.key(0)), tokens, context_length=n,
+                capacity=n)
 
 
 def test_packing_marks_each_segments_context():

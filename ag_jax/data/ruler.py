@@ -402,14 +402,14 @@ def _finish(config, tokenizer, context, question, answers, joins, **meta) -> dic
   # One newline, no blank run, at the end: whitespace runs tokenize apart from the '#'
   # that follows only when they are a single newline.
   context = context.rstrip() + "\n"
+  context_tokens = count_tokens(tokenizer, context)
   joins = answer_joins(answers, joins)
   answer = join_answer(answers, joins)
   return {"task": config.task, "context": context, "question": question,
           "answers": list(answers), "joins": joins, "answer": answer, "prompt": context + question,
           "response": answer, "text": context + question + answer,
           # BOS + context: the prompt's leading tokens a kvpress cache compresses
-          "length": count_tokens(tokenizer, context), "context_tokens": count_tokens(tokenizer, context),
-          **meta}
+          "length": context_tokens, "context_tokens": context_tokens, **meta}
 
 
 def score_items(generated: str, answers: Sequence[str]) -> float:

@@ -92,15 +92,18 @@ def train_variant(cfg, log=None) -> Trained:
   return Trained(result.gates_dir, cfg.run.steps, seconds, keep)
 
 
+def recipe_tokenizer(cfg):
+  from ag_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  return load_tokenizer(cfg.data.tokenizer or cfg.model.hf_path)
+
+
 def load_gated(cfg, gates_dir: str):
   """(model, variables, tokenizer): the recipe's base with the variant's gates."""
   import ag_jax  # pylint: disable=g-import-not-at-top
-  from ag_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
   model_cfg, params = ag_jax.load_hf_llama(cfg.model.hf_path)
   gate, gate_params = ag_jax.load_gates(gates_dir, model_cfg=model_cfg)
   params = {**params, "layers": {**params["layers"], "gate": gate_params}}
-  tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.hf_path)
-  return ag_jax.Llama(model_cfg, gate=gate), {"params": params}, tokenizer
+  return ag_jax.Llama(model_cfg, gate=gate), {"params": params}, recipe_tokenizer(cfg)
 
 
 def run_ablations(recipe, variants: dict[str, Sequence[str]], *, seeds: Sequence[int],
@@ -114,19 +117,22 @@ def run_ablations(recipe, variants: dict[str, Sequence[str]], *, seeds: Sequence
       recipe, list(overrides) + list(changes), steps, seed,
       os.path.join(work_dir, f"{_slug(name)}_seed{seed}"))
       for name, changes in variants.items() for seed in seeds}  # every config checked first
-  rows, built = [], {}
+  # The questions too, before any training (the variants share the recipe's tokenizer).
+  first = next(iter(configs.values()))
+  suite = tables.build_tasks("ruler", recipe_tokenizer(first), lengths=lengths,
+                             num_examples=num_examples, protocol="kvpress", subtasks=tasks,
+                             split="test")
+  sizes = [None if b >= 1.0 else b for b in budgets]  # None: the gates' own flags
+  rows, checked = [], False
   for (name, seed), cfg in configs.items():
     trained = train_variant(cfg, log)
     model, variables, tokenizer = load_gated(cfg, trained.gates_dir)
-    if "tasks" not in built:
-      built["tasks"] = tables.build_tasks("ruler", tokenizer, lengths=lengths,
-                                          num_examples=num_examples, protocol="kvpress",
-                                          subtasks=tasks, split="test")
-      tables.check_fits(model, tokenizer, built["tasks"])
-    sizes = [None if b >= 1.0 else b for b in budgets]
-    for r in tables.run_table(model, variables, tokenizer, built["tasks"], ["ag"], sizes,
-                              batch_size=batch_size):
-      rows.append({"variant": name, "seed": seed, **r, "budget": r["budget"] or 1.0,
+    if not checked:
+      tables.check_fits(model, tokenizer, suite)
+      checked = True
+    for r in tables.run_table(model, variables, tokenizer, suite, ["ag"], sizes,
+                              batch_size=batch_size):  # budget None comes back as 1
+      rows.append({"variant": name, "seed": seed, **r,
                    "train_steps": trained.steps, "train_seconds": trained.seconds,
                    "train_keep_ratio": trained.keep_ratio, "gate": dataclasses.asdict(model.gate)})
       if log:
@@ -195,10 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _numbers(text: str, kind, flag: str) -> list:
   from ag_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-  try:
-    values = [kind(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    raise ConfigError(f"{flag} {text!r}: give comma-separated numbers") from None
+  from ag_jax.evaluate_args import numbers  # pylint: disable=g-import-not-at-top
+  values = numbers(text, kind, flag)
   if not values:
     raise ConfigError(f"{flag} is empty: give comma-separated numbers")
   return values
@@ -219,10 +223,16 @@ def main(argv=None) -> int:
     budgets = _numbers(args.budgets, float, "--budgets")
     if not all(0 < b <= 1 for b in budgets):
       raise ConfigError(f"--budgets {args.budgets!r}: each budget must be in (0, 1]")
+    from ag_jax.data.ruler import TASKS  # pylint: disable=g-import-not-at-top
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+      raise ConfigError(f"--tasks: unknown {unknown or 'none given'}; choose from "
+                        f"{', '.join(TASKS)}")
     log = lambda line: print(line, file=sys.stderr, flush=True)
     rows = run_ablations(
         args.config, {n: VARIANTS[n] for n in names}, seeds=_numbers(args.seeds, int, "--seeds"),
-        steps=args.steps, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        steps=args.steps, tasks=tasks,
         lengths=_numbers(args.lengths, int, "--lengths"), budgets=budgets,
         num_examples=args.num_examples, overrides=args.set, batch_size=args.batch_size,
         work_dir=args.work_dir or os.path.join(args.out, "runs"), log=log)

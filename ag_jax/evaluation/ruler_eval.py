@@ -21,7 +21,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from ag_jax import engine, policies
+from ag_jax import capacity_view, engine, policies
 from ag_jax.cache import full_kv_nbytes, kept_ratio
 from ag_jax.data.ruler import answer_joins
 from ag_jax.evaluation.scoring import (CacheStats, _teacher_forced, padded_batches,
@@ -31,8 +31,10 @@ PROTOCOLS = ("kvpress", "decode")
 
 
 def kvpress_capacity(context_tokens: int, budget: float | None) -> int:
-  """kvpress's rounding: max(1, int(T * budget)); no budget: all T."""
-  return context_tokens if budget is None else max(1, int(context_tokens * budget))
+  """kvpress's rounding: max(1, int(T * budget)) (the one statement the budget-aware training
+  view uses too, `capacity_view.kvpress_capacity`); no budget: all T."""
+  return context_tokens if budget is None else int(capacity_view.kvpress_capacity(
+      context_tokens, budget))
 
 
 def encode_example(tokenizer, ex: dict) -> tuple[list[int], list[int], list[tuple[int, int]]]:
