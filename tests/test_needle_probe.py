@@ -84,10 +84,12 @@ def test_cli_writes_the_table(probed, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--depths", "0.5,1.5"], "--depths"),
-    (["--length", "4000"], "past the model"),
+    (["--gates", "GATES", "--depths", "0.5,1.5"], "--depths"),
+    (["--gates", "GATES", "--length", "4000"], "past the model"),
+    ([], "no gates"),
 ])
 def test_cli_refuses_bad_input(probed, argv, words, capsys):
   model_dir, gates_dir = probed[:2]
-  base = ["--model", model_dir, "--tokenizer", "stdlib_bpe:2048", "--gates", gates_dir]
-  assert words in _error(capsys, needle_probe.main(base + argv))
+  argv = ["--model", model_dir, "--tokenizer", "stdlib_bpe:2048"] + \
+      [gates_dir if a == "GATES" else a for a in argv]
+  assert words in _error(capsys, needle_probe.main(argv))
