@@ -54,7 +54,11 @@ def probe(model, variables, tokenizer, length: int, depths: Sequence[float],
       example = ruler.generate_example(config, tokenizer, split, i)
       start, end = value_span(tokenizer, example)
       ids = tokenizer.encode(example["context"])
-      probs, flags = gates(jnp.asarray([ids], jnp.int32))          # [L, 1, K, T] each
+      # One width for every context, so the probe compiles once: the gates and the flags
+      # are causal, so the padding after the context changes nothing before it.
+      padded = np.full((1, max(length, len(ids))), tokenizer.pad_id, np.int32)
+      padded[0, :len(ids)] = ids
+      probs, flags = gates(jnp.asarray(padded))                    # [L, 1, K, T] each
       positions.append(start)
       kept.append(np.asarray(flags[:, 0, :, start:end]).all(-1).mean(-1))   # [L]
       lowest.append(np.asarray(probs[:, 0, :, start:end]).min(-1).mean(-1))  # [L]
