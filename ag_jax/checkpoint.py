@@ -81,6 +81,14 @@ class TrainCheckpointer:
         config=ocp.args.JsonRestore()))
     return restored["state"], restored["data"], restored["config"]
 
+  def restore_trainable(self, step: int) -> tuple[dict, dict]:
+    """(the trainable params as host numpy arrays, the run config) of one saved step, without
+    the optimizer state's shapes: no TrainState needs building (checkpoint selection)."""
+    ocp = self._ocp
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+    return jax.device_get(restored["state"]["trainable"]), restored["config"]
+
   def wait(self) -> None:
     """Block until the background save (if any) is on disk."""
     self.manager.wait_until_finished()
