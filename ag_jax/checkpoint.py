@@ -147,17 +147,22 @@ def expected_gate_shapes(gate_cfg: GateConfig, model_cfg: ModelConfig) -> dict[s
   return {k: tuple(v.shape) for k, v in _flatten(gates, GATE_PREFIX).items()}
 
 
+def check_gate_params(gate_cfg: GateConfig, model_cfg: ModelConfig, gate_params: dict) -> None:
+  """Raise CheckpointError unless `gate_params` has the shapes `gate_cfg` needs on `model_cfg`."""
+  expected = expected_gate_shapes(gate_cfg, model_cfg)
+  got = {k: tuple(np.shape(v)) for k, v in _flatten(gate_params, GATE_PREFIX).items()}
+  if got != expected:
+    raise CheckpointError(f"gate params {got} do not match the gate config, which needs {expected}")
+
+
 def export_gates(path: str, gate_cfg: GateConfig, model_cfg: ModelConfig, gate_params: dict) -> str:
   """Write `gates.safetensors` + `gate_config.json` into directory `path` (replaced whole:
   written to a temp dir beside it, then renamed, so no reader sees half a gate)."""
   from safetensors.numpy import save_file
 
+  check_gate_params(gate_cfg, model_cfg, gate_params)
   tensors = {k: np.ascontiguousarray(np.asarray(jax.device_get(v), np.float32))
              for k, v in _flatten(gate_params, GATE_PREFIX).items()}
-  expected = expected_gate_shapes(gate_cfg, model_cfg)
-  got = {k: v.shape for k, v in tensors.items()}
-  if got != expected:
-    raise CheckpointError(f"gate params {got} do not match the gate config, which needs {expected}")
   meta = {**dataclasses.asdict(gate_cfg), "model": _model_config_json(model_cfg)}
   path = os.path.abspath(path)
   with atomic_io.replace_dir(path) as tmp:

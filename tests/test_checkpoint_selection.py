@@ -58,6 +58,13 @@ def test_every_saved_step_is_scored_and_the_best_chosen(selected):
   assert sel["chosen_step"] == best["step"]
 
 
+def test_choose_takes_the_highest_mean_and_the_later_step_on_a_tie():
+  rows = [{"step": 100, "mean_accuracy": 0.8}, {"step": 200, "mean_accuracy": 0.9},
+          {"step": 300, "mean_accuracy": 0.9}, {"step": 400, "mean_accuracy": 0.7}]
+  assert selection.choose(rows)["step"] == 300
+  assert selection.choose(rows[:2] + rows[3:])["step"] == 200
+
+
 def test_the_export_is_the_chosen_checkpoint(gate_run, selected):
   out, sel = selected
   checkpointer = TrainCheckpointer(os.path.join(gate_run, "checkpoints"), 0, 5, async_save=False)

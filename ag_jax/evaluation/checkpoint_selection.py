@@ -5,14 +5,14 @@
       [--num-examples 32] [--out RUN_DIR/gates_selected]
 
 A gate run's retrieval accuracy moves from checkpoint to checkpoint by as much as a change of
-recipe (benchmarks/RESULTS.md: a run at 100% on multikey half-way through ended at 90.6%), and
-its training loss does not show it. So every kept checkpoint (`checkpoint.keep` in the
+recipe (benchmarks/RESULTS.md: a run at 100% on multikey half-way through ended at 90.6%).
+So every kept checkpoint (`checkpoint.keep` in the
 recipe) is scored here on the suite's *validation* split under the kvpress protocol, AG at
 each budget, and the one with the highest mean accuracy over the cells (ties to the later
 step) is exported like `train.py` exports its last one. Report its quality on the test split
-(`python -m ag_jax.evaluate --gates ...`), never on the split that chose it. The run's own
-`train_config.json` in each checkpoint names the base model, the tokenizer and the gate;
-`--model` points elsewhere when the base has moved.
+(`python -m ag_jax.evaluate --gates ...`), never on the split that chose it. The run config
+saved in each checkpoint names the base model, the tokenizer and the gate; `--model` points
+elsewhere when the base has moved (its shapes must fit the gates).
 """
 
 from __future__ import annotations
@@ -66,10 +66,12 @@ def score_steps(checkpointer, steps: Sequence[int], model_dir: str | None, *,
   """One row per step: {"step", "cells": {cell: accuracy}, "mean_accuracy", "kept"}; and
   what the export needs (the config, the model config and each step's gate params)."""
   import ag_jax  # pylint: disable=g-import-not-at-top
+  from ag_jax.checkpoint import check_gate_params  # pylint: disable=g-import-not-at-top
   from ag_jax.evaluation import tables  # pylint: disable=g-import-not-at-top
 
   gate_params, config = checkpointer.restore_trainable(steps[0])
   cfg, model_cfg, params, tokenizer = load_base(config, model_dir)
+  check_gate_params(cfg.gate, model_cfg, gate_params)  # a --model the gates do not fit
   model = ag_jax.Llama(model_cfg, gate=cfg.gate)
   suite = tables.build_tasks("ruler", tokenizer, lengths=lengths, num_examples=num_examples,
                              protocol="kvpress", subtasks=tasks, split="validation")
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     if not os.path.isdir(checkpoints):
       raise ConfigError(f"{checkpoints!r} does not exist: pass a gate run's out_dir (train.py "
                         "saves its checkpoints there; keep several with checkpoint.keep)")
+    from ag_jax import atomic_io  # pylint: disable=g-import-not-at-top
     from ag_jax.checkpoint import TrainCheckpointer, export_gates  # pylint: disable=g-import-not-at-top
     checkpointer = TrainCheckpointer(checkpoints, every=0, keep=1_000_000, async_save=False)
     saved = sorted(checkpointer.all_steps())
@@ -152,11 +155,10 @@ def main(argv=None) -> int:
     best = choose(scored)
     out = args.out or os.path.join(args.run_dir, "gates_selected")
     export_gates(out, run["train_config"].gate, run["model_config"], run["gates"][best["step"]])
-    with open(os.path.join(out, "selection.json"), "w") as f:
-      json.dump({"run_dir": os.path.abspath(args.run_dir), "split": "validation",
-                 "protocol": "kvpress", "tasks": tasks, "lengths": lengths, "budgets": budgets,
-                 "num_examples": args.num_examples, "chosen_step": best["step"],
-                 "steps": scored}, f, indent=2)
+    record = {"run_dir": os.path.abspath(args.run_dir), "split": "validation",
+              "protocol": "kvpress", "tasks": tasks, "lengths": lengths, "budgets": budgets,
+              "num_examples": args.num_examples, "chosen_step": best["step"], "steps": scored}
+    atomic_io.write_text(os.path.join(out, "selection.json"), json.dumps(record, indent=2))
     print(f"validation split, kvpress protocol, AG accuracy % ({args.num_examples} examples "
           "per cell):")
     print(table(scored, best["step"]))
