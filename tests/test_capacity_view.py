@@ -221,3 +221,35 @@ def test_ruler_contexts_are_the_prompts_first_tokens():
 def test_bad_train_budgets_are_refused(budgets):
   with pytest.raises(ConfigError, match="train_budgets"):
     GateConfig(train_budgets=budgets)
+
+
+def test_question_in_context_marks_the_whole_prompt_for_a_share_of_examples():
+  """gate recipes for the decode protocol: a drawn share of task examples compresses context +
+  question (their marked context is the prompt's first tokens, the answer after it); the
+  examples' texts are those of the mix without the knob, and the rest mark the context alone."""
+  from ag_jax.data import ruler_mix
+  from ag_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer("stdlib_bpe:2048")
+  spec = ("ruler:tasks=niah_multikey+niah_multivalue+niah_multiquery+vt,min_length=96,"
+          "max_length=200,lm_fraction=0.2")
+  plain = ruler_mix.open_spec(spec, "train")
+  mixed = ruler_mix.open_spec(spec + ",question_in_context=0.5", "train")
+  marks = []
+  for i in range(24):
+    full, ex, before = mixed.mix.example(tok, "train", i), mixed[i], plain[i]
+    assert ex["text"] == before["text"]
+    n = packing.example_context_tokens(ex)
+    if full["task"] == "lm":
+      assert n == 0
+      continue
+    ids, _, _ = packing.tokenize_weighted(ex, tok, response_weight=5.0)
+    prompt = tok.encode(full["prompt"], add_bos=True)
+    if n == packing.example_context_tokens(before):
+      assert list(ids[:n]) == tok.encode(full["context"], add_bos=True)
+      marks.append("context")
+    else:
+      assert n == len(prompt) and list(ids[:n]) == prompt and len(ids) > n
+      marks.append("prompt")
+  assert {"context", "prompt"} == set(marks)
+  with pytest.raises(ValueError, match="question_in_context"):
+    ruler_mix.parse_spec(spec + ",question_in_context=1.5")

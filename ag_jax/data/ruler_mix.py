@@ -166,6 +166,10 @@ class RulerMix:
   warmup_repeats: int = 0         # needle_repeats of the task warm-up's examples
   warmup_haystack: str | None = None  # haystack of the task warm-up; None: base's
   lm_fraction: float = 0.0
+  question_in_context: float = 0.0  # share of task examples whose context (what the
+                                    # budget-aware view compresses) is context + question,
+                                    # as the decode protocol caches the question under the
+                                    # policy too; the rest stop before the question (kvpress)
   min_needles: int | None = None
   max_needles: int | None = None
   base: RulerConfig = RulerConfig()
@@ -201,6 +205,8 @@ class RulerMix:
       raise ValueError(f"questions must be >= 1, got {self.questions}")
     if self.context_weight < 0.0:
       raise ValueError(f"context_weight must be >= 0, got {self.context_weight}")
+    if not 0.0 <= self.question_in_context <= 1.0:
+      raise ValueError(f"question_in_context is a share in [0, 1], got {self.question_in_context}")
     if not self.tasks and sum(shares) < 1.0:
       raise ValueError("with no tasks, copy_share + drill_share + lm_fraction must be 1")
 
@@ -261,6 +267,10 @@ class RulerMix:
     if self.questions > 1 and index >= self.questions_from and task in _MANY_QUESTIONS:
       ex = _more_questions(ex, config, tokenizer, rng, self.questions - 1,
                            max_tokens=self.max_length + QUESTION_ROOM)
+    # Drawn only when asked for, so recipes without it read the same examples as before.
+    if self.question_in_context and rng.random() < self.question_in_context:
+      # pieces are cut at the question's newline, so BOS + prompt is the text's first tokens
+      ex = {**ex, "context_tokens": ruler.count_tokens(tokenizer, ex["prompt"])}
     return ex if self.context_weight == 1.0 else {**ex, "prompt_weight": self.context_weight}
 
 
