@@ -87,10 +87,10 @@ def _gate_slots(model: Llama, context: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("model", "policy", "capacity", "gate_slots",
                                              "backend", "all_logits", "context", "reserve"))
-def _prefill(variables, tokens, lengths, *, model, policy, capacity, gate_slots, backend,
-             all_logits, context, reserve=0):
+def _prefill(variables, tokens, lengths, row_capacity=None, *, model, policy, capacity,
+             gate_slots, backend, all_logits, context, reserve=0):
   logits, layers = model.apply(variables, tokens, lengths, policy, capacity, gate_slots,
-                               backend, all_logits, reserve, method=Llama.prefill)
+                               backend, all_logits, reserve, row_capacity, method=Llama.prefill)
   # With reserved room the tokens after the prompt are all kept: the policy compressed
   # the prompt, decoding runs under Full (which never evicts below capacity).
   decode_policy = Full() if reserve else policy
@@ -122,8 +122,8 @@ def empty_cache(model: Llama, batch: int, slots: int, gate_slots: int, policy: P
 @functools.partial(jax.jit, static_argnames=("model", "policy", "capacity", "gate_slots",
                                              "backend", "all_logits", "context", "reserve",
                                              "chunk"), donate_argnames=("cache",))
-def _prefill_chunked(variables, tokens, lengths, cache=None, *, model, policy, capacity, gate_slots,
-                     backend, all_logits, context, reserve, chunk):
+def _prefill_chunked(variables, tokens, lengths, cache=None, row_capacity=None, *, model, policy,
+                     capacity, gate_slots, backend, all_logits, context, reserve, chunk):
   """`_prefill` in chunks of `chunk` tokens (tokens [B, T]): a scan over the T // chunk full
   chunks whose carry is the compacted cache, so only one chunk's K/V exist beside it, then
   one ragged chunk of the T % chunk tokens left (a width need not be a multiple of the
@@ -139,7 +139,7 @@ def _prefill_chunked(variables, tokens, lengths, cache=None, *, model, policy, c
     chunk_tokens, start = xs
     width = chunk_tokens.shape[1]
     x, cache = model.apply(variables, chunk_tokens, start, lengths, cache, policy, capacity,
-                           backend, method=Llama.prefill_chunk)  # x [B, width, E]
+                           backend, row_capacity, method=Llama.prefill_chunk)  # x [B, width, E]
     index = lengths - 1 - start  # each row's last prompt token, if in this chunk
     picked = jnp.take_along_axis(x, jnp.clip(index, 0, width - 1)[:, None, None], axis=1)[:, 0]
     last = jnp.where(((index >= 0) & (index < width))[:, None], picked, last)
@@ -170,7 +170,7 @@ def _prefill_chunked(variables, tokens, lengths, cache=None, *, model, policy, c
 def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | None = None,
             capacity: int | None = None, budget: float | None = None, max_new_tokens: int = 0,
             reserve: int = 0, chunk: int | None = None, backend: str | None = None,
-            all_logits: bool = False):
+            all_logits: bool = False, row_capacity=None):
   """Right-padded prompts tokens [B, T] (lengths [B]) -> (logits, KVCache).
 
   logits: [B, V] predicting each prompt's next token, or [B, T, V] with all_logits.
@@ -178,7 +178,9 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
   room for `capacity` kept tokens per row (or `budget` x (T + max_new_tokens)). Or, the
   kvpress protocol: `reserve` R > 0 compresses the prompt alone to `capacity` (or `budget`
   x T) kept tokens and adds R slots, so the next R tokens are all kept (the cache's policy
-  becomes Full). decode_step refuses to go past the plan.
+  becomes Full). decode_step refuses to go past the plan. `row_capacity` [B] (ints in
+  [1, capacity]) lowers row b's kept tokens to row_capacity[b] under the same shapes: the
+  kvpress protocol keeps max(1, int(T_b * budget)) of each prompt's own T_b tokens.
 
   `chunk` C: the prompt goes through in chunks of C tokens, each attending to the kept
   tokens plus itself and then compacted into the cache, so memory is O(capacity + C) per
@@ -196,20 +198,46 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
                          "whole, the kvpress protocol), not both")
   context = planned_context(model, tokens.shape[1], max_new_tokens, reserve)
   compressed = tokens.shape[1] + max_new_tokens  # what the policy's capacity applies to
+  unbound = policy
   policy, capacity = fit(policy, resolve_capacity(policy, compressed, capacity, budget))
+  row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity, unbound, policy)
   if chunk is not None:
     chunk = _check_chunk(policy, chunk)
     slots = _gate_slots(model, compressed)
     # Filled in place: the scan's carry is this buffer, not a second copy of the cache.
     empty = empty_cache(model, tokens.shape[0], capacity + reserve + 1, slots, policy, backend)
     logits, cache = _prefill_chunked(
-        variables, jnp.asarray(tokens), jnp.asarray(lengths), empty, model=model, policy=policy,
+        variables, jnp.asarray(tokens), jnp.asarray(lengths), empty, row_capacity,
+        model=model, policy=policy,
         capacity=capacity, gate_slots=slots, backend=backend,
         all_logits=all_logits, context=context, reserve=int(reserve), chunk=chunk)
     return logits, cache
-  return _prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), model=model,
+  return _prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), row_capacity, model=model,
                   policy=policy, capacity=capacity, gate_slots=_gate_slots(model, compressed),
                   backend=backend, all_logits=all_logits, context=context, reserve=int(reserve))
+
+
+def _check_row_capacity(row_capacity, batch: int, capacity: int, unbound: Policy,
+                        bound: Policy):
+  """None, or row_capacity as int32 [B] after checking each is in [1, capacity] and that
+  the policy bound to each row's capacity is the one bound to `capacity` (a per-row limit
+  only truncates the ranking; H2O's capacity split would differ per row)."""
+  if row_capacity is None:
+    return None
+  rows = np.asarray(row_capacity)
+  if rows.shape != (batch,) or not np.issubdtype(rows.dtype, np.integer):
+    raise InferenceError(f"row_capacity must be {batch} integers (one per prompt), got "
+                         f"shape {rows.shape} of {rows.dtype}")
+  if rows.min() < 1 or rows.max() > capacity:
+    raise InferenceError(f"row_capacity must lie in [1, capacity={capacity}], got "
+                         f"{rows.min()}..{rows.max()}: raise the capacity or lower the rows'")
+  differs = [int(r) for r in np.unique(rows) if fit(unbound, int(r))[0] != bound]
+  if differs:
+    raise InferenceError(
+        f"{bound.describe()} resolves its knobs against the capacity, so rows of capacity "
+        f"{differs[0]} would need other knobs than the batch's {capacity}: give the knobs as "
+        "token counts, or prefill rows of different capacities in separate batches")
+  return jnp.asarray(rows, jnp.int32)
 
 
 def _check_chunk(policy: Policy, chunk) -> int:

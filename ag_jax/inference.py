@@ -50,8 +50,8 @@ def _prefill(layer, x, ctx):
   store, score = policy.prefill_select(prob, flags, valid, positions, probs, **extra)
   k_rows, v_rows = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
   k_c, v_c, score_c, src, length = pallas_kernels.compact(
-      k_rows, v_rows, score.astype(jnp.float32), store, ctx.capacity, slots=ctx.capacity + ctx.reserve + 1,
-      backend=ctx.backend)
+      k_rows, v_rows, score.astype(jnp.float32), store, ctx.capacity,
+      slots=ctx.capacity + ctx.reserve + 1, backend=ctx.backend, row_capacity=ctx.row_capacity)
   # Prompt positions are 0..T-1, so a slot's source index is its token position.
   layer_cache = dict(k=k_c, v=v_c, score=score_c, position=src, length=length,
                      gate_k=None, gate_v=None)
@@ -100,7 +100,8 @@ def _prefill_chunk(layer, carry, ctx, l):
   store, score = policy.chunk_select(prob, flags, valid, positions, **extra)
   k_c, v_c, score_c, src, length = pallas_kernels.compact(
       cand_k, cand_v, jnp.concatenate([kv.score[l], score.astype(jnp.float32)], axis=-1),
-      jnp.concatenate([held, store], axis=-1), ctx.capacity, slots=slots, backend=ctx.backend)
+      jnp.concatenate([held, store], axis=-1), ctx.capacity, slots=slots, backend=ctx.backend,
+      row_capacity=ctx.row_capacity)
   candidates = jnp.concatenate([kv.position[l], positions], axis=-1)  # [B, K, S + C]
   position = jnp.where(src >= 0, jnp.take_along_axis(candidates, jnp.maximum(src, 0), -1), -1)
   kv = kv.replace(k=kv.k.at[l].set(k_c), v=kv.v.at[l].set(v_c), score=kv.score.at[l].set(score_c),

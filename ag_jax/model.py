@@ -47,7 +47,10 @@ class LayerContext:
   # Training only, budget-aware (ag_jax.capacity_view): each token's segment's context
   # length and kept-token capacity, [B, T] int32; None: the gates' flags alone.
   context_length: jnp.ndarray | None = None
-  capacity: jnp.ndarray | None = None
+  context_capacity: jnp.ndarray | None = None
+  # Prefill only: [B] int32 kept tokens per row, each <= capacity (the kvpress protocol
+  # sizes every prompt's cache by its own length); None: `capacity` for every row.
+  row_capacity: jnp.ndarray | None = None
   mode: str = flax.struct.field(pytree_node=False, default="train")
   # Prefill only (decode reads them from the cache): see ag_jax.inference.
   policy: Any = flax.struct.field(pytree_node=False, default=None)
@@ -160,9 +163,9 @@ class DecoderLayer(nn.Module):
     q, k, v = self.project(h, ctx.positions)
     inside = attend(q, k, v, ctx.positions, ctx.segments, keep, ctx.backend)
     after_keep = capacity_view.after_context_keep(prob, flags, ctx.positions, ctx.segments,
-                                                  ctx.context_length, ctx.capacity)
+                                                  ctx.context_length, ctx.context_capacity)
     after = attend(q, k, v, ctx.positions, ctx.segments, after_keep, ctx.backend)
-    _, after_context = capacity_view.regions(ctx.positions, ctx.context_length, ctx.capacity)
+    _, after_context = capacity_view.regions(ctx.positions, ctx.context_length, ctx.context_capacity)
     return jnp.where(after_context[:, :, None, None, None], after, inside)
 
 
@@ -221,18 +224,20 @@ class Llama(nn.Module):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
     segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    ctx = self.context(positions, segment_ids, context_length=context_length, capacity=capacity)
+    ctx = self.context(positions, segment_ids, context_length=context_length,
+                       context_capacity=capacity)
     x, (probs, flags) = self.layers(self.embed(tokens), ctx, keep)
     logits = self.logits(x)
     return (logits, (probs, flags)) if return_gates else logits
 
   def prefill(self, tokens, lengths, policy, capacity: int, gate_slots: int, backend=None,
-              all_logits: bool = False, reserve: int = 0):
+              all_logits: bool = False, reserve: int = 0, row_capacity=None):
     """Right-padded prompts tokens [B, T], lengths [B] -> (logits, per-layer cache arrays).
 
     logits: [B, V] at each prompt's last token, or [B, T, V] with all_logits. The cache
     arrays are stacked over layers; `ag_jax.engine.prefill` wraps them in a KVCache.
-    Each row keeps at most `capacity` prompt tokens in `capacity + reserve + 1` slots.
+    Each row keeps at most `capacity` prompt tokens (row b: row_capacity[b], when given)
+    in `capacity + reserve + 1` slots.
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -240,22 +245,23 @@ class Llama(nn.Module):
     ctx = self.context(positions, valid.astype(jnp.int32), mode="prefill", policy=policy,
                        capacity=capacity, gate_slots=gate_slots, reserve=reserve,
                        backend=backend)
-    ctx = ctx.replace(valid=valid)
+    ctx = ctx.replace(valid=valid, row_capacity=row_capacity)
     x, layer_cache = self.layers(self.embed(tokens), ctx, None)
     if not all_logits:  # only the last prompt token's hidden state goes through the head
       x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
       return self.logits(x)[:, 0], layer_cache
     return self.logits(x), layer_cache
 
-  def prefill_chunk(self, tokens, start, lengths, cache, policy, capacity: int, backend=None):
+  def prefill_chunk(self, tokens, start, lengths, cache, policy, capacity: int, backend=None,
+                    row_capacity=None):
     """One chunk of right-padded prompts: tokens [B, C] at positions start..start+C-1
     (lengths [B]), cache: the KVCache of the prompt before it. -> (hidden [B, C, E] before
     the final norm, the cache with the chunk compacted in). `ag_jax.engine` scans chunks."""
     b, c = tokens.shape
     positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
     valid = positions < lengths[:, None]
-    ctx = LayerContext(positions, valid.astype(jnp.int32), valid, mode="chunk", policy=policy,
-                       capacity=capacity, backend=backend)
+    ctx = LayerContext(positions, valid.astype(jnp.int32), valid, row_capacity=row_capacity,
+                       mode="chunk", policy=policy, capacity=capacity, backend=backend)
     (x, cache), _ = self.layers((self.embed(tokens), cache), ctx, jnp.arange(self.cfg.num_layers))
     return x, cache
 

@@ -100,7 +100,7 @@ def training_forward(module: Llama, tokens, positions, segment_ids, backend=None
   context_length, capacity [B, T]: the budget-aware view (`ag_jax.capacity_view`).
   """
   ctx = module.context(positions, segment_ids, backend=backend, context_length=context_length,
-                       capacity=capacity)
+                       context_capacity=capacity)
   x, gates = module.layers(module.embed(tokens), ctx, None)
   head = module.embedding.T if module.cfg.tie_embeddings else module.lm_head
   return module.final_norm(x), head, gates

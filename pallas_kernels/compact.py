@@ -3,6 +3,9 @@
 For every (batch, head) row: if the row keeps <= capacity tokens, all kept tokens move to
 the front in their original order; otherwise the `capacity` highest-scoring kept tokens
 stay (ties: the earlier token wins), still in original order. Slots >= length are garbage.
+An optional per-row limit `row_capacity` [B] (each <= capacity) lowers the capacity of
+batch row b to row_capacity[b]: rows of one batch can then keep different counts (kvpress
+sizes each prompt's cache by its own length) under one static shape.
 
 Split of work: the destination plan (which source token lands in which slot) is computed
 in XLA with static shapes (two sorts per row); the kernel only moves k/v rows. The score
@@ -26,14 +29,17 @@ _GPU_BLOCK_SLOTS = 64  # slots per CTA: more CTAs, shorter serial copy loops
 _DMA_WINDOW = 32  # row copies in flight per program and tensor (TPU)
 
 
-def compaction_plan(score, keep, capacity: int, slots: int):
-  """Where each row's tokens go. score [B,H,T] f32, keep [B,H,T] bool.
+def compaction_plan(score, keep, capacity: int, slots: int, row_capacity=None):
+  """Where each row's tokens go. score [B,H,T] f32, keep [B,H,T] bool, row_capacity [B]
+  int32 or None.
 
   Returns src [B,H,slots] int32 (source token of each slot, -1 for slots >= length) and
-  length [B,H] int32 = min(count(keep), capacity).
+  length [B,H] int32 = min(count(keep), capacity, row_capacity).
   """
   B, H, T = keep.shape
   length = jnp.minimum(keep.sum(-1, dtype=jnp.int32), capacity)  # [B,H]
+  if row_capacity is not None:
+    length = jnp.minimum(length, jnp.asarray(row_capacity, jnp.int32)[:, None])
   n = min(capacity, T)  # no row can fill more slots than this
   t = lax.broadcasted_iota(jnp.int32, (B, H, T), 2)
   # Rank: kept first, then higher score, then earlier token (lax.sort is stable and
@@ -49,7 +55,7 @@ def compaction_plan(score, keep, capacity: int, slots: int):
   return src, length  # [B,H,slots], [B,H]
 
 
-def _check(k, v, score, keep, capacity, slots, out):
+def _check(k, v, score, keep, capacity, slots, out, row_capacity=None):
   slots = capacity + 1 if slots is None else slots
   if capacity < 1 or slots < capacity:
     raise ValueError(f"need 1 <= capacity <= slots, got capacity={capacity}, slots={slots}")
@@ -57,6 +63,8 @@ def _check(k, v, score, keep, capacity, slots, out):
   if v.shape[:3] != (B, H, T) or score.shape != (B, H, T) or keep.shape != (B, H, T):
     raise ValueError(f"shape mismatch: k {k.shape} v {v.shape} score {score.shape}"
                      f" keep {keep.shape}")
+  if row_capacity is not None and jnp.shape(row_capacity) != (B,):
+    raise ValueError(f"row_capacity must have shape ({B},), got {jnp.shape(row_capacity)}")
   if out is not None:
     want = ((B, H, slots, k.shape[3]), (B, H, slots, v.shape[3]), (B, H, slots))
     if tuple(o.shape for o in out) != want:
@@ -73,13 +81,13 @@ def _gather_score(score, src, score_buf):
 
 
 def compact_reference(k, v, score, keep, capacity: int, *, slots: int | None = None,
-                      out=None):
+                      out=None, row_capacity=None):
   """Pure-jnp compaction (take_along_axis). Defines the semantics of `compact`.
 
   Slots >= length hold `out`'s old contents when `out` is given, else zeros.
   """
-  slots = _check(k, v, score, keep, capacity, slots, out)
-  src, length = compaction_plan(score, keep, capacity, slots)
+  slots = _check(k, v, score, keep, capacity, slots, out, row_capacity)
+  src, length = compaction_plan(score, keep, capacity, slots, row_capacity)
   idx = jnp.maximum(src, 0)[..., None]  # [B,H,slots,1]
   valid = (src >= 0)[..., None]
   k_buf, v_buf, score_buf = (None, None, None) if out is None else out
@@ -194,23 +202,25 @@ def _gather_rows_gpu(k, v, src, length, bufs, block_slots):
 
 
 def compact(k, v, score, keep, capacity: int, *, slots: int | None = None, out=None,
-            backend: str | None = None, block_slots: int | None = None):
+            backend: str | None = None, block_slots: int | None = None, row_capacity=None):
   """Compacts each (batch, head) row of a KV cache. See the module docstring for the rule.
 
   k, v: [B,H,T,D]; score: [B,H,T] f32; keep: [B,H,T] bool. `slots` (default capacity + 1,
   >= capacity) sizes the outputs' slot axis. `out=(k_buf, v_buf, score_buf)` are optional
   destination buffers [B,H,slots,(D)] written in place (donate them to avoid a copy; they
   must not alias k/v). Kernels leave their slots >= length untouched.
-  `block_slots` tunes how many slots one grid step handles.
+  `block_slots` tunes how many slots one grid step handles. `row_capacity` [B] int32
+  (optional, each in [1, capacity]): batch row b keeps at most row_capacity[b] tokens.
 
   Returns k_out, v_out [B,H,slots,D]; score_out [B,H,slots] f32; src [B,H,slots] int32
   (source token of each slot, -1 for slots >= length); length [B,H] int32.
   """
-  slots = _check(k, v, score, keep, capacity, slots, out)
+  slots = _check(k, v, score, keep, capacity, slots, out, row_capacity)
   backend = resolve_backend(backend)
   if backend == "reference":
-    return compact_reference(k, v, score, keep, capacity, slots=slots, out=out)
-  src, length = compaction_plan(score, keep, capacity, slots)
+    return compact_reference(k, v, score, keep, capacity, slots=slots, out=out,
+                             row_capacity=row_capacity)
+  src, length = compaction_plan(score, keep, capacity, slots, row_capacity)
   bufs = () if out is None else (out[0].astype(k.dtype), out[1].astype(v.dtype))
   if backend == "gpu":
     k_out, v_out = _gather_rows_gpu(k, v, src, length, bufs, block_slots)

@@ -129,3 +129,25 @@ def test_generate_with_prefill_chunk_equals_one_shot(windowed):
   chunked = ag_jax.generate(model, variables, rows, max_new_tokens=5, budget=0.5, prefill_chunk=5)
   np.testing.assert_array_equal(chunked.tokens, one.tokens)
   np.testing.assert_array_equal(chunked.kept_ratio, one.kept_ratio)
+
+
+@pytest.mark.parametrize("policy", [policies.StreamingLLM(sink=2), policies.Random()],
+                         ids=lambda p: p.name)
+def test_row_capacity_keeps_each_rows_own_count_in_chunks_too(windowed, policy):
+  """row_capacity [B] under one static capacity: each row keeps what a batch of that row
+  alone keeps with its own capacity, one-shot and in chunks."""
+  model, variables, prompts, _, _, _ = windowed
+  row_capacity = np.array([2, 6, 4])
+  _, one = ag_jax.prefill(model, variables, prompts, LENGTHS, policy=policy, capacity=6,
+                          reserve=2, row_capacity=row_capacity)
+  _, chunked = ag_jax.prefill(model, variables, prompts, LENGTHS, policy=policy, capacity=6,
+                              reserve=2, row_capacity=row_capacity, chunk=3)
+  assert kept(chunked) == kept(one)
+  np.testing.assert_array_equal(np.asarray(one.length),
+                                np.broadcast_to(np.minimum(row_capacity, LENGTHS)[None, :, None],
+                                                one.length.shape))
+  for b, cap in enumerate(row_capacity):
+    _, alone = ag_jax.prefill(model, variables, prompts[b:b + 1], LENGTHS[b:b + 1],
+                              policy=policy, capacity=int(cap), reserve=2)
+    want = {(l, h): v for (l, _, h), v in kept(alone).items()}
+    assert {(l, h): v for (l, r, h), v in kept(one).items() if r == b} == want

@@ -21,16 +21,18 @@ def platform_backend() -> str:
   return {"tpu": "tpu", "gpu": "gpu"}.get(jax.default_backend(), "interpret")
 
 
-def numpy_compact(score, keep, capacity, slots):
-  """The rule, loop by loop: returns src [B,H,slots] (-1 past length) and length [B,H]."""
+def numpy_compact(score, keep, capacity, slots, row_capacity=None):
+  """The rule, loop by loop: returns src [B,H,slots] (-1 past length) and length [B,H].
+  row_capacity [B]: batch row b's own capacity (the static one when None)."""
   B, H, T = keep.shape
   src = np.full((B, H, slots), -1, np.int64)
   length = np.zeros((B, H), np.int64)
   for b in range(B):
+    cap = capacity if row_capacity is None else int(row_capacity[b])
     for h in range(H):
       kept = [t for t in range(T) if keep[b, h, t]]
-      if len(kept) > capacity:  # best scores; Python compares -0.0 == 0.0, then t
-        kept = sorted(sorted(kept, key=lambda t: (-score[b, h, t], t))[:capacity])
+      if len(kept) > cap:  # best scores; Python compares -0.0 == 0.0, then t
+        kept = sorted(sorted(kept, key=lambda t: (-score[b, h, t], t))[:cap])
       src[b, h, :len(kept)] = kept
       length[b, h] = len(kept)
   return src, length
@@ -77,6 +79,32 @@ def test_reference_matches_numpy_loop(capacity, extra_slots, data):
   np.testing.assert_array_equal(np.asarray(v_out)[valid], -want_k[valid])
   np.testing.assert_array_equal(np.asarray(s_out)[valid],
                                 np.take_along_axis(score, idx, axis=2)[valid])
+
+
+def test_row_capacity_caps_each_batch_row_as_its_own_capacity():
+  # Three rows of one batch, one static capacity (8 slots), limits 8 / 3 / 1: each row is
+  # what the numpy rule gives with that row's capacity, the kernel equal to the reference.
+  B, H, T, capacity = 3, 2, 12, 8
+  k, v, score, keep = make_inputs(7, B=B, H=H, T=T, D=8, dtype=jnp.float32, keep_prob=0.8,
+                                  score_levels=3)
+  limits = np.array([8, 3, 1], np.int32)
+  src, length = numpy_compact(np.asarray(score), np.asarray(keep), capacity, capacity + 1,
+                              limits)
+  assert len(set(length.ravel())) > 1  # the limits bind differently per row
+  want = jax.jit(functools.partial(compact_reference, capacity=capacity))(
+      k, v, score, keep, row_capacity=jnp.asarray(limits))
+  np.testing.assert_array_equal(want[3], src)
+  np.testing.assert_array_equal(want[4], length)
+  got = jax.jit(functools.partial(compact, capacity=capacity,
+                                  backend=platform_backend()))(
+      k, v, score, keep, row_capacity=jnp.asarray(limits))
+  np.testing.assert_array_equal(got[3], src)
+  np.testing.assert_array_equal(got[4], length)
+  valid = src >= 0  # [B,H,slots]
+  for g, w in zip(got[:3], want[:3]):  # k, v, score of the kept slots
+    np.testing.assert_array_equal(np.asarray(g)[valid], np.asarray(w)[valid])
+  with pytest.raises(ValueError, match="row_capacity must have shape"):
+    compact_reference(k, v, score, keep, capacity, row_capacity=jnp.ones((2,), jnp.int32))
 
 
 def test_plan_handles_slots_beyond_tokens():

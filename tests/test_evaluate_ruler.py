@@ -153,8 +153,9 @@ def test_ruler_markdown_and_plots(grid):
 
 
 def test_kvpress_protocol_compresses_the_context_only(grid, world, tmp_path):
-  """kvpress keeps max(1, int(T * budget)) context tokens (T: the longest context), and with
-  nothing evicted it is the decode protocol's function."""
+  """kvpress keeps max(1, int(T * budget)) context tokens (the row's capacity column reports
+  the largest, the longest context's), and with nothing evicted it is the decode protocol's
+  function."""
   _, model, variables, tok = world
   out = str(tmp_path / "kv")
   assert evaluate.main(_cli(world, "--task", "ruler", "--subtasks", "niah_multikey", "--lengths",
@@ -170,6 +171,55 @@ def test_kvpress_protocol_compresses_the_context_only(grid, world, tmp_path):
   longest = max(len(ruler_eval.encode_example(tok, ex)[0]) for ex in task.examples)
   assert snap["capacity"] == max(1, int(longest * 0.5)) and snap["budget"] == 0.5
   assert snap["kept"] < 1.0 and snap["answer_nll"] != full["answer_nll"]
+
+
+def test_kvpress_protocol_sizes_each_context_by_its_own_length(world):
+  """Each context keeps max(1, int(T_i * budget)) of its own T_i tokens, as kvpress compresses
+  one prompt at a time: a batch of contexts of different lengths scores every example as it
+  scores alone (a capacity taken from the batch's longest context would not), for a
+  ranked policy (one prefill, per-row limits) and for H2O (whose split depends on the
+  capacity: one prefill per capacity)."""
+  _, model, variables, tok = world
+  (task,) = ruler_eval.build_ruler_tasks(tok, ["niah_multikey"], [104], 3)
+  encoded = [ruler_eval.encode_example(tok, ex) for ex in task.examples]
+  # Contexts cut to clearly different lengths (about 100, 80, 60: keeps 25, 20, 15).
+  contexts = [e[0][:len(e[0]) - 20 * i] for i, e in enumerate(encoded)]
+  conts = [e[1] for e in encoded]
+  for policy in (policies.ObservedAttention(), policies.H2O()):
+    together = ruler_eval.score_protocol(model, variables, contexts, conts, policy=policy,
+                                         budget=0.25, batch_size=3)
+    for i in range(3):
+      alone = ruler_eval.score_protocol(model, variables, contexts[i:i + 1], conts[i:i + 1],
+                                        policy=policy, budget=0.25, batch_size=1)
+      np.testing.assert_allclose(together[0][i], alone[0][0], atol=1e-5)
+      np.testing.assert_array_equal(together[1][i], alone[1][0])
+    assert together[2].capacity == max(1, int(len(contexts[0]) * 0.25))
+  # The rule the fix replaced: the shortest context under the longest one's capacity.
+  short, longest = contexts[2], len(contexts[0])
+  tokens = np.zeros((1, 112), np.int32)
+  tokens[0, :len(short)] = short
+  own = ag_jax.prefill(model, variables, tokens, [len(short)], policy=policies.ObservedAttention(),
+                       capacity=max(1, int(longest * 0.25)), reserve=16,
+                       row_capacity=[max(1, int(len(short) * 0.25))])[1]
+  batch_max = ag_jax.prefill(model, variables, tokens, [len(short)],
+                             policy=policies.ObservedAttention(),
+                             capacity=max(1, int(longest * 0.25)), reserve=16)[1]
+  assert (np.asarray(own.length) == int(len(short) * 0.25)).all()
+  assert (np.asarray(batch_max.length) > np.asarray(own.length)).all()
+
+
+def test_row_capacity_is_checked(world):
+  _, model, variables, _ = world
+  tokens = np.ones((2, 32), np.int32)
+  with pytest.raises(ag_jax.InferenceError, match=r"row_capacity must lie in \[1, capacity=8\]"):
+    ag_jax.prefill(model, variables, tokens, policy=policies.Local(), capacity=8,
+                   row_capacity=[8, 9])
+  with pytest.raises(ag_jax.InferenceError, match="row_capacity must be 2 integers"):
+    ag_jax.prefill(model, variables, tokens, policy=policies.Local(), capacity=8,
+                   row_capacity=[8])
+  with pytest.raises(ag_jax.InferenceError, match="resolves its knobs against the capacity"):
+    ag_jax.prefill(model, variables, tokens, policy=policies.H2O(), capacity=8,
+                   row_capacity=[8, 4])
 
 
 def test_stdlib_bpb_rows_equal_the_task_run_directly(world, tmp_path):

@@ -1,9 +1,10 @@
 """The RULER-style suite under eviction, in two protocols (DESIGN §4b).
 
 kvpress (default): prefill the context only, keep `max(1, int(T * budget))` tokens per
-(layer, KV head) (T = the batch's longest context), with room reserved for the question and
-answer (`engine.prefill(..., reserve=R)`), then read question and answer through a Full
-policy: nothing after the context is ever evicted.
+(layer, KV head) (T = that example's context: rows of one batch keep different counts,
+`engine.prefill(..., row_capacity=)`), with room reserved for the question and answer
+(`engine.prefill(..., reserve=R)`), then read question and answer through a Full policy:
+nothing after the context is ever evicted. Results do not depend on the batch size.
 decode: the context is prefilled under the policy and question + answer go through it too
 (the cache is sized for context + question + answer; AG's decode-time gating).
 
@@ -53,6 +54,22 @@ def encode_example(tokenizer, ex: dict) -> tuple[list[int], list[int], list[tupl
   return context, cont, spans
 
 
+def _capacity_groups(model, policy, lengths, budget):
+  """kvpress sizes each prompt's cache by its own length: row i keeps
+  max(1, int(T_i * budget)) tokens. Yields (row indices, bound policy, capacity, per-row
+  capacities [n]) per group of the batch's rows whose policy binds the same way (one group
+  unless the policy's knobs depend on the capacity, as H2O's split does)."""
+  groups = {}
+  for r, t in enumerate(lengths):
+    keep = kvpress_capacity(int(t), budget if policy.evicts else None)
+    bound, keep = resolve_setting(model, policy, int(t), keep, None)
+    groups.setdefault(bound, []).append((r, keep))
+  for bound, members in groups.items():
+    group = np.array([r for r, _ in members])
+    row_keep = np.array([k for _, k in members], np.int32)
+    yield group, bound, int(row_keep.max()), row_keep
+
+
 def score_protocol(model, variables, contexts: Sequence[Sequence[int]],
                    continuations: Sequence[Sequence[int]], *, policy=None, budget=None,
                    protocol: str = "kvpress", batch_size: int = 8, bucket: int = 16,
@@ -74,22 +91,21 @@ def score_protocol(model, variables, contexts: Sequence[Sequence[int]],
   for rows, tokens, lengths, targets, active in padded_batches(
       contexts, continuations, batch_size, bucket, pad_id):
     width, steps = tokens.shape[1], targets.shape[1]
-    t = int(lengths.max())
-    keep = kvpress_capacity(t, budget if policy.evicts else None)
-    bound, keep = resolve_setting(model, policy, t, keep, None)
-    logits, cache = engine.prefill(model, variables, tokens, lengths, policy=bound,
-                                   capacity=keep if bound.evicts else width, reserve=steps,
-                                   backend=backend)
-    cache = cache.replace(policy=policies.Full())
-    logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets),
-                                        jnp.asarray(active), model=model)
-    logp, hits = np.asarray(logp), np.asarray(hits)
-    for r, i in enumerate(rows):
-      scores[i] = logp[r, :len(continuations[i])]
-      greedy[i] = hits[r, :len(continuations[i])]
-    stats.add(bound, keep, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
-              full_kv_nbytes(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim,
-                             width + steps, cfg.dtype), len(rows))
+    for group, bound, keep, row_keep in _capacity_groups(model, policy, lengths, budget):
+      logits, cache = engine.prefill(
+          model, variables, tokens[group], lengths[group], policy=bound,
+          capacity=keep if bound.evicts else width, reserve=steps, backend=backend,
+          row_capacity=row_keep if bound.evicts else None)
+      cache = cache.replace(policy=policies.Full())
+      logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets[group]),
+                                          jnp.asarray(active[group]), model=model)
+      logp, hits = np.asarray(logp), np.asarray(hits)
+      for r, i in enumerate(np.asarray(rows)[group]):
+        scores[i] = logp[r, :len(continuations[i])]
+        greedy[i] = hits[r, :len(continuations[i])]
+      stats.add(bound, keep, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
+                full_kv_nbytes(cfg.num_layers, len(group), cfg.num_kv_heads, cfg.head_dim,
+                               width + steps, cfg.dtype), len(group))
   return scores, greedy, stats
 
 
