@@ -34,6 +34,9 @@ class KVCache:
   gate_v: jnp.ndarray | None  # [L, B, N, W, D]
   next_position: jnp.ndarray  # [B] int32: position of the next token of each sequence
   seen: jnp.ndarray           # [B] int32: tokens that went through the cache (prompt + new)
+  # [B] int32, each <= capacity: row b holds at most row_capacity[b] tokens (rows of one
+  # batch sized by their own lengths); None: `capacity` for every row.
+  row_capacity: jnp.ndarray | None = None
   policy: Any = flax.struct.field(pytree_node=False, default=None)
   backend: str | None = flax.struct.field(pytree_node=False, default=None)
   # Positions 0..planned_context-1 may be decoded; None: unplanned (built by hand).

@@ -96,7 +96,7 @@ def _prefill(variables, tokens, lengths, row_capacity=None, *, model, policy, ca
   decode_policy = Full() if reserve else policy
   cache = KVCache(**layers, next_position=lengths.astype(jnp.int32),
                   seen=lengths.astype(jnp.int32), policy=decode_policy, backend=backend,
-                  planned_context=context)
+                  planned_context=context, row_capacity=None if reserve else row_capacity)
   return logits, cache
 
 
@@ -163,7 +163,8 @@ def _prefill_chunked(variables, tokens, lengths, cache=None, row_capacity=None, 
   else:
     logits = model.apply(variables, last[:, None], method=Llama.logits)[:, 0]
   cache = cache.replace(next_position=lengths.astype(jnp.int32), seen=lengths.astype(jnp.int32),
-                        policy=Full() if reserve else policy, planned_context=context)
+                        policy=Full() if reserve else policy, planned_context=context,
+                        row_capacity=None if reserve else row_capacity)
   return logits, cache
 
 
@@ -179,8 +180,9 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
   kvpress protocol: `reserve` R > 0 compresses the prompt alone to `capacity` (or `budget`
   x T) kept tokens and adds R slots, so the next R tokens are all kept (the cache's policy
   becomes Full). decode_step refuses to go past the plan. `row_capacity` [B] (ints in
-  [1, capacity]) lowers row b's kept tokens to row_capacity[b] under the same shapes: the
-  kvpress protocol keeps max(1, int(T_b * budget)) of each prompt's own T_b tokens.
+  [1, capacity]) lowers row b's kept tokens to row_capacity[b] under the same shapes, in
+  prefill and (without reserve) in every decode step: rows sized by their own lengths, as
+  kvpress keeps max(1, int(T_b * budget)) of each prompt's own T_b tokens.
 
   `chunk` C: the prompt goes through in chunks of C tokens, each attending to the kept
   tokens plus itself and then compacted into the cache, so memory is O(capacity + C) per
@@ -285,14 +287,16 @@ class DecodeState:
 
 @functools.partial(jax.jit, static_argnames=("model", "policy", "capacity", "gate_slots", "backend",
                                              "max_new_tokens", "sampling", "context", "chunk"))
-def _generate(variables, tokens, lengths, rng, eos_id, pad_id, *, model, policy, capacity,
-              gate_slots, backend, max_new_tokens, sampling, context, chunk=None):
+def _generate(variables, tokens, lengths, rng, eos_id, pad_id, row_capacity=None, *, model,
+              policy, capacity, gate_slots, backend, max_new_tokens, sampling, context,
+              chunk=None):
   prefill_args = dict(model=model, policy=policy, capacity=capacity, gate_slots=gate_slots,
                       backend=backend, all_logits=False, context=context, reserve=0)
   if chunk is None:
-    logits, cache = _prefill(variables, tokens, lengths, **prefill_args)
+    logits, cache = _prefill(variables, tokens, lengths, row_capacity, **prefill_args)
   else:
-    logits, cache = _prefill_chunked(variables, tokens, lengths, chunk=chunk, **prefill_args)
+    logits, cache = _prefill_chunked(variables, tokens, lengths, None, row_capacity, chunk=chunk,
+                                     **prefill_args)
   rng, key = jax.random.split(rng)
   first = sample(logits, key, sampling)
   b = tokens.shape[0]
@@ -352,10 +356,13 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
              max_new_tokens: int = 32, capacity: int | None = None, budget: float | None = None,
              sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int = -1,
              pad_id: int = 0, backend: str | None = None, return_cache: bool = False,
-             lengths=None, prefill_chunk: int | None = None) -> GenerateResult:
+             lengths=None, prefill_chunk: int | None = None,
+             row_capacity=None) -> GenerateResult:
   """Generate for a batch of prompts (token lists, or tokens [B, T] with `lengths`).
 
-  prefill_chunk: prefill the prompts in chunks of that many tokens (see `prefill`'s chunk)."""
+  prefill_chunk: prefill the prompts in chunks of that many tokens (see `prefill`'s chunk).
+  A budget sizes every row by the batch's width + max_new_tokens; row_capacity [B] (see
+  `prefill`) gives each row its own capacity under the same shapes."""
   if max_new_tokens < 1:
     raise InferenceError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   policy = policy or default_policy(model)
@@ -369,11 +376,13 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
         else np.asarray(lengths, np.int32)
   _check(model, policy, tokens, lengths)
   context = planned_context(model, tokens.shape[1], max_new_tokens)
+  unbound = policy
   policy, capacity = fit(policy, resolve_capacity(policy, context, capacity, budget))
+  row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity, unbound, policy)
   if prefill_chunk is not None:
     prefill_chunk = _check_chunk(policy, prefill_chunk)
   args = (variables, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
-          jnp.int32(eos_id), jnp.int32(pad_id))
+          jnp.int32(eos_id), jnp.int32(pad_id), row_capacity)
   statics = dict(model=model, policy=policy, capacity=capacity,
                  gate_slots=_gate_slots(model, context), backend=backend,
                  max_new_tokens=max_new_tokens, sampling=sampling, context=context,

@@ -30,14 +30,14 @@ Tables (--task ruler or --task stdlib_bpb, one per command; results.json is a li
                 context tokens; accuracy = share of answer items greedy decoding gets right
   stdlib_bpb    bits per byte of held-out stdlib files: windows of --lengths tokens, the
                 first half is the context the policy compresses, the second half is scored
-  --protocol kvpress (default): the context is compressed to max(1, int(T * budget)) tokens,
+  --protocol kvpress (default): each context of T tokens is compressed to max(1, int(T * budget)),
   question and answer are read with room reserved; --protocol decode: they go through the
   evicting policy too. Models trained on the RULER world use --tokenizer stdlib_bpe:2048.
 
 Policies (--policy, repeatable; default: all that apply): ag (needs gates), full,
 streaming_llm, h2o, snapkv, random, local, each optionally with knobs, e.g.
   --policy snapkv:window=16,kernel=5 --policy streaming_llm:sink=4 --policy h2o:recent=0.25
-A budget is the fraction of each batch's context the cache may hold; `full` runs once.
+A budget is the fraction of each example's context the cache may hold; `full` runs once.
 
 Examples:
   python -m ag_jax.evaluate                    # the embedded world: its ruler table

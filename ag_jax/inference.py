@@ -177,12 +177,15 @@ def _decode(layer, carry, ctx, l):
   # Admission: below capacity a kept newcomer just stays. At capacity it replaces the
   # lowest-ranked slot if it ranks higher; otherwise it is dropped (overwritten next step).
   capacity = kv.capacity
+  # [B, 1]: each row's own capacity (a row never holds more, so slot `length` is free).
+  row_capacity = (jnp.full((x.shape[0], 1), capacity, jnp.int32) if kv.row_capacity is None
+                  else kv.row_capacity[:, None])
   rank = policy.eviction_score(score, slot_position, position_bk)     # [B, K, S]
   slots = jnp.arange(capacity + 1)
-  victim = jnp.argmin(jnp.where(slots < capacity, rank, jnp.inf), axis=-1)  # [B, K]
+  victim = jnp.argmin(jnp.where(slots < row_capacity[..., None], rank, jnp.inf), axis=-1)  # [B, K]
   newcomer_rank = jnp.take_along_axis(rank, length[..., None], axis=-1)[..., 0]
   victim_rank = jnp.take_along_axis(rank, victim[..., None], axis=-1)[..., 0]
-  full = length >= capacity
+  full = length >= row_capacity
   replace = keep & full & (newcomer_rank > victim_rank)
   target = jnp.where(replace, victim, length)  # rewriting slot `length` is a no-op
   # The second in-place write of k_all/v_all must come after the attention's reads of

@@ -151,3 +151,35 @@ def test_row_capacity_keeps_each_rows_own_count_in_chunks_too(windowed, policy):
                               policy=policy, capacity=int(cap), reserve=2)
     want = {(l, h): v for (l, _, h), v in kept(alone).items()}
     assert {(l, h): v for (l, r, h), v in kept(one).items() if r == b} == want
+
+
+@pytest.mark.parametrize("policy", [policies.StreamingLLM(sink=2), policies.AttentionGate()],
+                         ids=lambda p: p.name)
+def test_row_capacity_holds_in_decode(windowed, policy):
+  """Decoding through the policy, each row stays within its own capacity and gives the
+  logits that row gives alone with that capacity."""
+  model, variables, prompts, continuation, _, _ = windowed
+  row_capacity = np.array([2, 6, 4])
+  _, cache = ag_jax.prefill(model, variables, prompts, LENGTHS, policy=policy, capacity=6,
+                            max_new_tokens=STEPS, row_capacity=row_capacity)
+  steps, cache = decode_all(model, variables, cache, continuation)
+  assert (np.asarray(cache.length) <= row_capacity[None, :, None]).all()
+  assert (np.asarray(cache.length)[:, 0] == 2).any()  # row 0 was held at its capacity
+  for b, cap in enumerate(row_capacity):
+    _, alone = ag_jax.prefill(model, variables, prompts[b:b + 1], LENGTHS[b:b + 1],
+                              policy=policy, capacity=int(cap), max_new_tokens=STEPS)
+    alone_steps, _ = decode_all(model, variables, alone, continuation[b:b + 1])
+    np.testing.assert_allclose(np.stack(steps)[:, b], np.stack(alone_steps)[:, 0], atol=1e-5)
+
+
+def test_generate_with_row_capacity_equals_each_row_alone(windowed):
+  model, variables, prompts, _, _, _ = windowed
+  rows = [list(p[:n]) for p, n in zip(prompts, LENGTHS)]
+  row_capacity = np.array([2, 6, 4])
+  together = ag_jax.generate(model, variables, rows, policy=policies.StreamingLLM(sink=2),
+                             capacity=6, max_new_tokens=STEPS, row_capacity=row_capacity,
+                             prefill_chunk=4)
+  for b, cap in enumerate(row_capacity):
+    alone = ag_jax.generate(model, variables, rows[b:b + 1], policy=policies.StreamingLLM(sink=2),
+                            capacity=int(cap), max_new_tokens=STEPS, prefill_chunk=4)
+    np.testing.assert_array_equal(together.tokens[b], alone.tokens[0])

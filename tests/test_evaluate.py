@@ -121,6 +121,11 @@ def test_recall_accuracy_scores_each_example_against_its_own_answer(byte_world):
                                    budget=0.5, max_new_tokens=3)
   longest = max(len(tok.encode(p)) for p in prompts) + 3
   assert evicting["capacity"] == math.ceil(0.5 * longest) and evicting["kept"] < 0.8
+  # Each prompt's budget is of its own tokens: one at a time, the same caches.
+  alone = tasks.recall_accuracy(model, variables, tok, examples, policy=policies.Local(),
+                                budget=0.5, max_new_tokens=3, batch_size=1)
+  assert abs(alone["kept"] - evicting["kept"]) < 1e-6
+  assert alone["accuracy"] == evicting["accuracy"]
 
 
 def test_multiple_choice_acc_and_acc_norm_against_the_training_view(byte_world):

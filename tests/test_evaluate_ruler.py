@@ -175,9 +175,10 @@ def test_kvpress_protocol_compresses_the_context_only(grid, world, tmp_path):
 
 def test_kvpress_protocol_sizes_each_context_by_its_own_length(world):
   """Each context keeps max(1, int(T_i * budget)) of its own T_i tokens, as kvpress compresses
-  one prompt at a time: a batch of contexts of different lengths scores every example as it
-  scores alone (a capacity taken from the batch's longest context would not), for a
-  ranked policy (one prefill, per-row limits) and for H2O (whose split depends on the
+  one prompt at a time (the decode protocol: budget x its own context + continuation, in
+  prefill and every decode step): a batch of contexts of different lengths scores every
+  example as it scores alone (a capacity taken from the batch's longest context would not),
+  for ranked policies (one prefill, per-row limits) and for H2O (whose split depends on the
   capacity: one prefill per capacity)."""
   _, model, variables, tok = world
   (task,) = ruler_eval.build_ruler_tasks(tok, ["niah_multikey"], [104], 3)
@@ -185,15 +186,18 @@ def test_kvpress_protocol_sizes_each_context_by_its_own_length(world):
   # Contexts cut to clearly different lengths (about 100, 80, 60: keeps 25, 20, 15).
   contexts = [e[0][:len(e[0]) - 20 * i] for i, e in enumerate(encoded)]
   conts = [e[1] for e in encoded]
-  for policy in (policies.ObservedAttention(), policies.H2O()):
+  for protocol, policy in (("kvpress", policies.ObservedAttention()), ("kvpress", policies.H2O()),
+                           ("decode", policies.StreamingLLM(sink=2)), ("decode", policies.H2O())):
     together = ruler_eval.score_protocol(model, variables, contexts, conts, policy=policy,
-                                         budget=0.25, batch_size=3)
+                                         budget=0.25, batch_size=3, protocol=protocol)
     for i in range(3):
       alone = ruler_eval.score_protocol(model, variables, contexts[i:i + 1], conts[i:i + 1],
-                                        policy=policy, budget=0.25, batch_size=1)
-      np.testing.assert_allclose(together[0][i], alone[0][0], atol=1e-5)
+                                        policy=policy, budget=0.25, batch_size=1,
+                                        protocol=protocol)
+      np.testing.assert_allclose(together[0][i], alone[0][0], atol=1e-5, err_msg=protocol)
       np.testing.assert_array_equal(together[1][i], alone[1][0])
-    assert together[2].capacity == max(1, int(len(contexts[0]) * 0.25))
+    if protocol == "kvpress":
+      assert together[2].capacity == max(1, int(len(contexts[0]) * 0.25))
   # The rule the fix replaced: the shortest context under the longest one's capacity.
   short, longest = contexts[2], len(contexts[0])
   tokens = np.zeros((1, 112), np.int32)

@@ -6,7 +6,7 @@ kvpress (default): prefill the context only, keep `max(1, int(T * budget))` toke
 (`engine.prefill(..., reserve=R)`), then read question and answer through a Full policy:
 nothing after the context is ever evicted. Results do not depend on the batch size.
 decode: the context is prefilled under the policy and question + answer go through it too
-(the cache is sized for context + question + answer; AG's decode-time gating).
+(each example's cache is sized for its context + question + answer; AG's decode-time gating).
 
 Answers are teacher-forced: an answer item is right when greedy decoding picks each of its
 tokens (what greedy generation prints, item by item); accuracy is RULER's string_match_all,
@@ -26,7 +26,7 @@ from ag_jax import capacity_view, engine, policies
 from ag_jax.cache import full_kv_nbytes, kept_ratio
 from ag_jax.data.ruler import answer_joins
 from ag_jax.evaluation.scoring import (CacheStats, _teacher_forced, padded_batches,
-                                       resolve_setting, score_and_greedy)
+                                       resolve_setting, score_and_greedy, setting_groups)
 
 PROTOCOLS = ("kvpress", "decode")
 
@@ -54,20 +54,12 @@ def encode_example(tokenizer, ex: dict) -> tuple[list[int], list[int], list[tupl
   return context, cont, spans
 
 
-def _capacity_groups(model, policy, lengths, budget):
+def _kvpress_settings(model, policy, lengths, budget):
   """kvpress sizes each prompt's cache by its own length: row i keeps
-  max(1, int(T_i * budget)) tokens. Yields (row indices, bound policy, capacity, per-row
-  capacities [n]) per group of the batch's rows whose policy binds the same way (one group
-  unless the policy's knobs depend on the capacity, as H2O's split does)."""
-  groups = {}
-  for r, t in enumerate(lengths):
-    keep = kvpress_capacity(int(t), budget if policy.evicts else None)
-    bound, keep = resolve_setting(model, policy, int(t), keep, None)
-    groups.setdefault(bound, []).append((r, keep))
-  for bound, members in groups.items():
-    group = np.array([r for r, _ in members])
-    row_keep = np.array([k for _, k in members], np.int32)
-    yield group, bound, int(row_keep.max()), row_keep
+  max(1, int(T_i * budget)) tokens. -> [(bound policy, capacity)] per row."""
+  return [resolve_setting(model, policy, int(t),
+                          kvpress_capacity(int(t), budget if policy.evicts else None), None)
+          for t in lengths]
 
 
 def score_protocol(model, variables, contexts: Sequence[Sequence[int]],
@@ -91,7 +83,8 @@ def score_protocol(model, variables, contexts: Sequence[Sequence[int]],
   for rows, tokens, lengths, targets, active in padded_batches(
       contexts, continuations, batch_size, bucket, pad_id):
     width, steps = tokens.shape[1], targets.shape[1]
-    for group, bound, keep, row_keep in _capacity_groups(model, policy, lengths, budget):
+    for group, bound, keep, row_keep in setting_groups(
+        _kvpress_settings(model, policy, lengths, budget)):
       logits, cache = engine.prefill(
           model, variables, tokens[group], lengths[group], policy=bound,
           capacity=keep if bound.evicts else width, reserve=steps, backend=backend,

@@ -5,9 +5,10 @@ capacity) and a continuation whose tokens are fed one decode step at a time, so 
 continuation token is predicted from the cache the policy left, exactly as in generation.
 One jitted program per shape: prefill (engine.prefill), then a `lax.scan` of decode steps.
 
-A budget is a fraction of the longest real context (prefix + continuation) of a batch;
-rows are sorted by length before batching, so rows of a batch have similar lengths.
-Array widths are rounded up to `bucket` tokens so that few shapes compile (each distinct
+A budget is a fraction of each row's own context (prefix + continuation): rows of one
+batch keep different counts under one static capacity (`engine.prefill(row_capacity=)`),
+so a row scores the same in any batch. Rows are sorted by length before batching; array
+widths are rounded up to `bucket` tokens so that few shapes compile (each distinct batch
 capacity compiles too: pass `capacity` for one fixed cache size).
 """
 
@@ -34,6 +35,19 @@ def resolve_setting(model: Llama, policy: Policy | None, context: int, capacity:
   `policies.fit` (window policies shrink the cache, H2O's knobs become token counts)."""
   policy = policy or engine.default_policy(model)
   return policies.fit(policy, engine.resolve_capacity(policy, context, capacity, budget))
+
+
+def setting_groups(settings: Sequence[tuple[Policy, int]]):
+  """Rows of one batch, each with its own (bound policy, capacity), grouped so that one
+  prefill serves each group: yields (row indices [n], bound policy, the group's largest
+  capacity, each row's capacity [n] int32 for `engine.prefill(row_capacity=)`). One group
+  unless the policy binds its knobs to the capacity (H2O's split)."""
+  groups: dict[Policy, list[tuple[int, int]]] = {}
+  for r, (bound, cap) in enumerate(settings):
+    groups.setdefault(bound, []).append((r, cap))
+  for bound, members in groups.items():
+    row_cap = np.array([c for _, c in members], np.int32)
+    yield np.array([r for r, _ in members]), bound, int(row_cap.max()), row_cap
 
 
 @dataclasses.dataclass
@@ -149,22 +163,25 @@ def score_and_greedy(model: Llama, variables, prefixes: Sequence[Sequence[int]],
   for rows, tokens, lengths, targets, active in padded_batches(
       prefixes, continuations, batch_size, bucket, pad_id):
     width, steps = tokens.shape[1], targets.shape[1]
-    # The budget is a fraction of the batch's longest real context, not of the padding.
-    context = max(len(prefixes[i]) + len(continuations[i]) for i in rows)
-    bound, cap = resolve_setting(model, policy, context, capacity, budget)
-    if not bound.evicts:
-      cap = width + steps  # a non-evicting cache must also hold the padding steps
-    logits, cache = engine.prefill(model, variables, tokens, lengths, policy=bound, capacity=cap,
-                                   max_new_tokens=steps, backend=backend)
-    logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets),
-                                        jnp.asarray(active), model=model)
-    logp, hits = np.asarray(logp), np.asarray(hits)
-    for r, i in enumerate(rows):
-      scores[i] = logp[r, :len(continuations[i])]
-      greedy[i] = hits[r, :len(continuations[i])]
-    stats.add(bound, cap, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
-              full_kv_nbytes(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim,
-                             width + steps, cfg.dtype), len(rows))
+    # The budget is a fraction of each row's own context + continuation, not of the
+    # batch's longest or of the padding: a row scores the same in any batch.
+    settings = [resolve_setting(model, policy, len(prefixes[i]) + len(continuations[i]),
+                                capacity, budget) for i in rows]
+    for group, bound, cap, row_cap in setting_groups(settings):
+      if not bound.evicts:
+        cap, row_cap = width + steps, None  # a non-evicting cache also holds the padding steps
+      logits, cache = engine.prefill(model, variables, tokens[group], lengths[group],
+                                     policy=bound, capacity=cap, max_new_tokens=steps,
+                                     backend=backend, row_capacity=row_cap)
+      logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets[group]),
+                                          jnp.asarray(active[group]), model=model)
+      logp, hits = np.asarray(logp), np.asarray(hits)
+      for r, i in enumerate(np.asarray(rows)[group]):
+        scores[i] = logp[r, :len(continuations[i])]
+        greedy[i] = hits[r, :len(continuations[i])]
+      stats.add(bound, cap, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
+                full_kv_nbytes(cfg.num_layers, len(group), cfg.num_kv_heads, cfg.head_dim,
+                               width + steps, cfg.dtype), len(group))
   return scores, greedy, stats
 
 

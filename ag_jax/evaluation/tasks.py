@@ -22,7 +22,7 @@ import numpy as np
 import ag_jax
 from ag_jax.data import DataError, open_source, score_answer
 from ag_jax.evaluation.scoring import (CacheStats, perplexity, resolve_setting, score_and_greedy,
-                                       score_continuations)
+                                       score_continuations, setting_groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +184,7 @@ def recall_accuracy(model, variables, tokenizer, examples: Sequence[tuple[str, s
                     question_marker: str | None = None) -> dict:
   """Accuracy of greedy generation on (prompt, answer) pairs through the evicting cache.
 
-  A budget is a fraction of each batch's context (longest prompt + max_new_tokens, which
+  A budget is a fraction of each example's own context (its prompt + max_new_tokens, which
   defaults to the longest answer's token count). `question_marker`: see `RecallTask`."""
   if question_marker is not None:
     return _recall_after_context(model, variables, tokenizer, examples, question_marker,
@@ -196,14 +196,18 @@ def recall_accuracy(model, variables, tokenizer, examples: Sequence[tuple[str, s
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
     ids = [tokenizer.encode(examples[i][0], add_bos=True) for i in rows]
-    bound, cap = resolve_setting(model, policy, max(map(len, ids)) + max_new, capacity, budget)
-    result = ag_jax.generate(model, variables, ids, policy=bound, capacity=cap,
-                             max_new_tokens=max_new, eos_id=tokenizer.eos_id,
-                             pad_id=tokenizer.pad_id, backend=backend)
-    for i, text in zip(rows, result.texts(tokenizer)):
-      correct[i] = score_answer(text, examples[i][1])
-    stats.add(bound, result.capacity, result.kept_ratio, result.kv_bytes, result.cache_bytes,
-              result.full_kv_bytes, len(rows))
+    # Each prompt's budget is of its own prompt + max_new tokens: a row answers the same
+    # in any batch.
+    settings = [resolve_setting(model, policy, len(p) + max_new, capacity, budget) for p in ids]
+    for group, bound, cap, row_cap in setting_groups(settings):
+      result = ag_jax.generate(model, variables, [ids[r] for r in group], policy=bound,
+                               capacity=cap, max_new_tokens=max_new, eos_id=tokenizer.eos_id,
+                               pad_id=tokenizer.pad_id, backend=backend,
+                               row_capacity=row_cap if bound.evicts else None)
+      for i, text in zip(np.asarray(rows)[group], result.texts(tokenizer)):
+        correct[i] = score_answer(text, examples[i][1])
+      stats.add(bound, result.capacity, result.kept_ratio, result.kv_bytes, result.cache_bytes,
+                result.full_kv_bytes, len(group))
   return {"accuracy": float(correct.mean()), "examples": len(examples), **stats.as_dict()}
 
 
