@@ -200,9 +200,8 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
                          "whole, the kvpress protocol), not both")
   context = planned_context(model, tokens.shape[1], max_new_tokens, reserve)
   compressed = tokens.shape[1] + max_new_tokens  # what the policy's capacity applies to
-  unbound = policy
   policy, capacity = fit(policy, resolve_capacity(policy, compressed, capacity, budget))
-  row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity, unbound, policy)
+  row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity)
   if chunk is not None:
     chunk = _check_chunk(policy, chunk)
     slots = _gate_slots(model, compressed)
@@ -219,11 +218,8 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
                   backend=backend, all_logits=all_logits, context=context, reserve=int(reserve))
 
 
-def _check_row_capacity(row_capacity, batch: int, capacity: int, unbound: Policy,
-                        bound: Policy):
-  """None, or row_capacity as int32 [B] after checking each is in [1, capacity] and that
-  the policy bound to each row's capacity is the one bound to `capacity` (a per-row limit
-  only truncates the ranking; H2O's capacity split would differ per row)."""
+def _check_row_capacity(row_capacity, batch: int, capacity: int):
+  """None, or row_capacity as int32 [B] after checking each is in [1, capacity]."""
   if row_capacity is None:
     return None
   rows = np.asarray(row_capacity)
@@ -233,12 +229,6 @@ def _check_row_capacity(row_capacity, batch: int, capacity: int, unbound: Policy
   if rows.min() < 1 or rows.max() > capacity:
     raise InferenceError(f"row_capacity must lie in [1, capacity={capacity}], got "
                          f"{rows.min()}..{rows.max()}: raise the capacity or lower the rows'")
-  differs = [int(r) for r in np.unique(rows) if fit(unbound, int(r))[0] != bound]
-  if differs:
-    raise InferenceError(
-        f"{bound.describe()} resolves its knobs against the capacity, so rows of capacity "
-        f"{differs[0]} would need other knobs than the batch's {capacity}: give the knobs as "
-        "token counts, or prefill rows of different capacities in separate batches")
   return jnp.asarray(rows, jnp.int32)
 
 
@@ -376,9 +366,8 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
         else np.asarray(lengths, np.int32)
   _check(model, policy, tokens, lengths)
   context = planned_context(model, tokens.shape[1], max_new_tokens)
-  unbound = policy
   policy, capacity = fit(policy, resolve_capacity(policy, context, capacity, budget))
-  row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity, unbound, policy)
+  row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity)
   if prefill_chunk is not None:
     prefill_chunk = _check_chunk(policy, prefill_chunk)
   args = (variables, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),

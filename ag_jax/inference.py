@@ -47,6 +47,8 @@ def _prefill(layer, x, ctx):
   x = layer.finish(x, out)
 
   extra = {"keys": k.transpose(0, 2, 1, 3)} if policy.needs_prefill_keys else {}
+  if policy.splits_capacity:  # [B, 1, 1]: each row's own capacity
+    extra["capacity"] = _row_capacity(ctx.row_capacity, ctx.capacity, b)[:, :, None]
   store, score = policy.prefill_select(prob, flags, valid, positions, probs, **extra)
   k_rows, v_rows = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
   k_c, v_c, score_c, src, length = pallas_kernels.compact(
@@ -178,9 +180,9 @@ def _decode(layer, carry, ctx, l):
   # lowest-ranked slot if it ranks higher; otherwise it is dropped (overwritten next step).
   capacity = kv.capacity
   # [B, 1]: each row's own capacity (a row never holds more, so slot `length` is free).
-  row_capacity = (jnp.full((x.shape[0], 1), capacity, jnp.int32) if kv.row_capacity is None
-                  else kv.row_capacity[:, None])
-  rank = policy.eviction_score(score, slot_position, position_bk)     # [B, K, S]
+  row_capacity = _row_capacity(kv.row_capacity, capacity, x.shape[0])
+  extra = {"capacity": row_capacity[..., None]} if policy.splits_capacity else {}
+  rank = policy.eviction_score(score, slot_position, position_bk, **extra)  # [B, K, S]
   slots = jnp.arange(capacity + 1)
   victim = jnp.argmin(jnp.where(slots < row_capacity[..., None], rank, jnp.inf), axis=-1)  # [B, K]
   newcomer_rank = jnp.take_along_axis(rank, length[..., None], axis=-1)[..., 0]
@@ -205,6 +207,13 @@ def _decode(layer, carry, ctx, l):
       length=kv.length.at[l].set(length + (keep & ~full)),
   )
   return (layer.finish(x, out[:, None]), kv), None
+
+
+def _row_capacity(row_capacity, capacity: int, batch: int) -> jnp.ndarray:
+  """[B, 1] int32: each row's capacity (`row_capacity` [B], or `capacity` for all)."""
+  if row_capacity is None:
+    return jnp.full((batch, 1), capacity, jnp.int32)
+  return jnp.asarray(row_capacity, jnp.int32)[:, None]
 
 
 def _set_rows(rows: jnp.ndarray, slot: jnp.ndarray, value: jnp.ndarray) -> jnp.ndarray:

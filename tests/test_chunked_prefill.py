@@ -153,11 +153,12 @@ def test_row_capacity_keeps_each_rows_own_count_in_chunks_too(windowed, policy):
     assert {(l, h): v for (l, r, h), v in kept(one).items() if r == b} == want
 
 
-@pytest.mark.parametrize("policy", [policies.StreamingLLM(sink=2), policies.AttentionGate()],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("policy", [policies.StreamingLLM(sink=2), policies.AttentionGate(),
+                                    policies.H2O(), policies.H2O(heavy=0.25)],
+                         ids=["StreamingLLM", "AttentionGate", "H2O", "H2O_quarter_heavy"])
 def test_row_capacity_holds_in_decode(windowed, policy):
   """Decoding through the policy, each row stays within its own capacity and gives the
-  logits that row gives alone with that capacity."""
+  logits that row gives alone with that capacity (H2O: its split of that capacity too)."""
   model, variables, prompts, continuation, _, _ = windowed
   row_capacity = np.array([2, 6, 4])
   _, cache = ag_jax.prefill(model, variables, prompts, LENGTHS, policy=policy, capacity=6,

@@ -25,8 +25,8 @@ import numpy as np
 from ag_jax import capacity_view, engine, policies
 from ag_jax.cache import full_kv_nbytes, kept_ratio
 from ag_jax.data.ruler import answer_joins
-from ag_jax.evaluation.scoring import (CacheStats, _teacher_forced, padded_batches,
-                                       resolve_setting, score_and_greedy, setting_groups)
+from ag_jax.evaluation.scoring import (CacheStats, _teacher_forced, batch_setting,
+                                       padded_batches, resolve_setting, score_and_greedy)
 
 PROTOCOLS = ("kvpress", "decode")
 
@@ -83,22 +83,20 @@ def score_protocol(model, variables, contexts: Sequence[Sequence[int]],
   for rows, tokens, lengths, targets, active in padded_batches(
       contexts, continuations, batch_size, bucket, pad_id):
     width, steps = tokens.shape[1], targets.shape[1]
-    for group, bound, keep, row_keep in setting_groups(
-        _kvpress_settings(model, policy, lengths, budget)):
-      logits, cache = engine.prefill(
-          model, variables, tokens[group], lengths[group], policy=bound,
-          capacity=keep if bound.evicts else width, reserve=steps, backend=backend,
-          row_capacity=row_keep if bound.evicts else None)
-      cache = cache.replace(policy=policies.Full())
-      logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets[group]),
-                                          jnp.asarray(active[group]), model=model)
-      logp, hits = np.asarray(logp), np.asarray(hits)
-      for r, i in enumerate(np.asarray(rows)[group]):
-        scores[i] = logp[r, :len(continuations[i])]
-        greedy[i] = hits[r, :len(continuations[i])]
-      stats.add(bound, keep, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
-                full_kv_nbytes(cfg.num_layers, len(group), cfg.num_kv_heads, cfg.head_dim,
-                               width + steps, cfg.dtype), len(group))
+    bound, keep, row_keep = batch_setting(_kvpress_settings(model, policy, lengths, budget))
+    logits, cache = engine.prefill(model, variables, tokens, lengths, policy=bound,
+                                   capacity=keep if bound.evicts else width, reserve=steps,
+                                   backend=backend, row_capacity=row_keep if bound.evicts else None)
+    cache = cache.replace(policy=policies.Full())
+    logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets),
+                                        jnp.asarray(active), model=model)
+    logp, hits = np.asarray(logp), np.asarray(hits)
+    for r, i in enumerate(rows):
+      scores[i] = logp[r, :len(continuations[i])]
+      greedy[i] = hits[r, :len(continuations[i])]
+    stats.add(bound, keep, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
+              full_kv_nbytes(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim,
+                             width + steps, cfg.dtype), len(rows))
   return scores, greedy, stats
 
 

@@ -37,17 +37,13 @@ def resolve_setting(model: Llama, policy: Policy | None, context: int, capacity:
   return policies.fit(policy, engine.resolve_capacity(policy, context, capacity, budget))
 
 
-def setting_groups(settings: Sequence[tuple[Policy, int]]):
-  """Rows of one batch, each with its own (bound policy, capacity), grouped so that one
-  prefill serves each group: yields (row indices [n], bound policy, the group's largest
-  capacity, each row's capacity [n] int32 for `engine.prefill(row_capacity=)`). One group
-  unless the policy binds its knobs to the capacity (H2O's split)."""
-  groups: dict[Policy, list[tuple[int, int]]] = {}
-  for r, (bound, cap) in enumerate(settings):
-    groups.setdefault(bound, []).append((r, cap))
-  for bound, members in groups.items():
-    row_cap = np.array([c for _, c in members], np.int32)
-    yield np.array([r for r, _ in members]), bound, int(row_cap.max()), row_cap
+def batch_setting(settings: Sequence[tuple[Policy, int]]) -> tuple[Policy, int, np.ndarray]:
+  """Rows of one batch, each with its own (bound policy, capacity) -> (the policy bound to
+  the batch's largest capacity, that capacity, each row's capacity [B] int32 for
+  `engine.prefill(row_capacity=)`): one prefill holds every row to its own capacity."""
+  caps = np.array([cap for _, cap in settings], np.int32)
+  largest = int(caps.argmax())
+  return settings[largest][0], int(caps[largest]), caps
 
 
 @dataclasses.dataclass
@@ -167,21 +163,20 @@ def score_and_greedy(model: Llama, variables, prefixes: Sequence[Sequence[int]],
     # batch's longest or of the padding: a row scores the same in any batch.
     settings = [resolve_setting(model, policy, len(prefixes[i]) + len(continuations[i]),
                                 capacity, budget) for i in rows]
-    for group, bound, cap, row_cap in setting_groups(settings):
-      if not bound.evicts:
-        cap, row_cap = width + steps, None  # a non-evicting cache also holds the padding steps
-      logits, cache = engine.prefill(model, variables, tokens[group], lengths[group],
-                                     policy=bound, capacity=cap, max_new_tokens=steps,
-                                     backend=backend, row_capacity=row_cap)
-      logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets[group]),
-                                          jnp.asarray(active[group]), model=model)
-      logp, hits = np.asarray(logp), np.asarray(hits)
-      for r, i in enumerate(np.asarray(rows)[group]):
-        scores[i] = logp[r, :len(continuations[i])]
-        greedy[i] = hits[r, :len(continuations[i])]
-      stats.add(bound, cap, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
-                full_kv_nbytes(cfg.num_layers, len(group), cfg.num_kv_heads, cfg.head_dim,
-                               width + steps, cfg.dtype), len(group))
+    bound, cap, row_cap = batch_setting(settings)
+    if not bound.evicts:
+      cap, row_cap = width + steps, None  # a non-evicting cache also holds the padding steps
+    logits, cache = engine.prefill(model, variables, tokens, lengths, policy=bound, capacity=cap,
+                                   max_new_tokens=steps, backend=backend, row_capacity=row_cap)
+    logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets),
+                                        jnp.asarray(active), model=model)
+    logp, hits = np.asarray(logp), np.asarray(hits)
+    for r, i in enumerate(rows):
+      scores[i] = logp[r, :len(continuations[i])]
+      greedy[i] = hits[r, :len(continuations[i])]
+    stats.add(bound, cap, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
+              full_kv_nbytes(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim,
+                             width + steps, cfg.dtype), len(rows))
   return scores, greedy, stats
 
 

@@ -21,8 +21,8 @@ import numpy as np
 
 import ag_jax
 from ag_jax.data import DataError, open_source, score_answer
-from ag_jax.evaluation.scoring import (CacheStats, perplexity, resolve_setting, score_and_greedy,
-                                       score_continuations, setting_groups)
+from ag_jax.evaluation.scoring import (CacheStats, batch_setting, perplexity, resolve_setting,
+                                       score_and_greedy, score_continuations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,15 +199,15 @@ def recall_accuracy(model, variables, tokenizer, examples: Sequence[tuple[str, s
     # Each prompt's budget is of its own prompt + max_new tokens: a row answers the same
     # in any batch.
     settings = [resolve_setting(model, policy, len(p) + max_new, capacity, budget) for p in ids]
-    for group, bound, cap, row_cap in setting_groups(settings):
-      result = ag_jax.generate(model, variables, [ids[r] for r in group], policy=bound,
-                               capacity=cap, max_new_tokens=max_new, eos_id=tokenizer.eos_id,
-                               pad_id=tokenizer.pad_id, backend=backend,
-                               row_capacity=row_cap if bound.evicts else None)
-      for i, text in zip(np.asarray(rows)[group], result.texts(tokenizer)):
-        correct[i] = score_answer(text, examples[i][1])
-      stats.add(bound, result.capacity, result.kept_ratio, result.kv_bytes, result.cache_bytes,
-                result.full_kv_bytes, len(group))
+    bound, cap, row_cap = batch_setting(settings)
+    result = ag_jax.generate(model, variables, ids, policy=bound, capacity=cap,
+                             max_new_tokens=max_new, eos_id=tokenizer.eos_id,
+                             pad_id=tokenizer.pad_id, backend=backend,
+                             row_capacity=row_cap if bound.evicts else None)
+    for i, text in zip(rows, result.texts(tokenizer)):
+      correct[i] = score_answer(text, examples[i][1])
+    stats.add(bound, result.capacity, result.kept_ratio, result.kv_bytes, result.cache_bytes,
+              result.full_kv_bytes, len(rows))
   return {"accuracy": float(correct.mean()), "examples": len(examples), **stats.as_dict()}
 
 

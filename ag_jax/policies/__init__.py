@@ -38,7 +38,7 @@ def make_policy(name: str, **kwargs) -> Policy:
   if key not in REGISTRY:
     raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(sorted(REGISTRY))}")
   cls = REGISTRY[key]
-  known = [f.name for f in dataclasses.fields(cls)]
+  known = [f.name for f in dataclasses.fields(cls) if f.repr]  # repr=False: not a knob
   unknown = sorted(set(kwargs) - set(known))
   if unknown:
     raise PolicyError(f"policy {key!r} has no knob {', '.join(unknown)}; its knobs: "

@@ -25,6 +25,9 @@ class Policy:
   needs_prefill_keys = False   # prefill_select reads the prompt's keys [B, K, T, H]
   needs_decode_mass = False    # decode_update reads each slot's attention mass
   evicts = True                # False: every token must fit (capacity >= context)
+  # prefill_select and eviction_score take `capacity=` [B, K, 1] int32, each row's own
+  # capacity (a policy whose knobs are shares of the capacity: H2O)
+  splits_capacity = False
 
   @property
   def name(self) -> str:
@@ -73,7 +76,8 @@ class Policy:
     return score
 
   def describe(self) -> str:
-    fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+    fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                       if f.repr)
     return f"{self.name}({fields})"
 
 

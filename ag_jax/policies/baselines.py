@@ -124,17 +124,31 @@ class Random(Policy):
 Count = Optional[Union[int, float]]
 
 
-def _tokens(knob: Count, capacity: int, what: str) -> Optional[int]:
-  """An int knob is a token count, a float one a fraction of the capacity."""
-  if knob is None:
-    return None
-  if isinstance(knob, float):
-    if not 0.0 <= knob <= 1.0:
-      raise PolicyError(f"H2O {what}={knob}: a float is a fraction of the capacity, in [0, 1]")
-    return int(round(knob * capacity))
-  if knob < 0:
+def _check_knob(knob: Count, what: str) -> None:
+  if isinstance(knob, float) and not 0.0 <= knob <= 1.0:
+    raise PolicyError(f"H2O {what}={knob}: a float is a fraction of the capacity, in [0, 1]")
+  if isinstance(knob, int) and knob < 0:
     raise PolicyError(f"H2O {what} must be >= 0 tokens, got {knob}")
-  return int(knob)
+
+
+def _tokens(knob: Count, capacity):
+  """An int knob is a token count, a float one a fraction of the capacity (rounded half
+  to even, in float32 whether `capacity` is an int or an array: one rule for both)."""
+  if isinstance(knob, float):
+    return jnp.round(jnp.float32(knob) * jnp.asarray(capacity, jnp.float32)).astype(jnp.int32)
+  return knob
+
+
+def split_capacity(heavy: Count, recent: Count, capacity):
+  """H2O's (heavy, recent) token counts for a cache of `capacity` (an int or an int32
+  array of per-row capacities): None splits the capacity as the paper does, `recent` half
+  of it (or what `heavy` leaves), `heavy` the rest."""
+  heavy, recent = _tokens(heavy, capacity), _tokens(recent, capacity)
+  if recent is None:
+    recent = capacity // 2 if heavy is None else jnp.maximum(capacity - heavy, 0)
+  recent = jnp.minimum(recent, capacity)
+  heavy = capacity - recent if heavy is None else jnp.minimum(heavy, capacity - recent)
+  return heavy, recent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,33 +162,43 @@ class H2O(Policy):
   Knobs: int = tokens, float = fraction of the capacity; None splits the capacity as the
   paper does: `recent` half of it (or what `heavy` leaves), `heavy` the rest. Prefill
   keeps the prompt's last `recent` tokens and its `heavy` highest-scoring others; decode
-  admits every token, and a full row evicts its lowest-scoring non-recent slot.
+  admits every token, and a full row evicts its lowest-scoring non-recent slot. Rows of one
+  batch with their own capacities (`engine.prefill(row_capacity=)`) are each split by
+  their own: the layer passes each row's capacity to the hooks (`splits_capacity`).
   """
 
   heavy: Count = None
   recent: Count = None
+  # The knobs as given, kept by `bind` so that each row can be split by its own capacity;
+  # not a knob (repr=False keeps it out of describe() and make_policy).
+  given: Optional[tuple] = dataclasses.field(default=None, repr=False)
   needs_prefill_probs = True
   needs_decode_mass = True
+  splits_capacity = True
 
   def __post_init__(self):
-    _tokens(self.heavy, 1, "heavy"), _tokens(self.recent, 1, "recent")  # range checks
+    _check_knob(self.heavy, "heavy"), _check_knob(self.recent, "recent")
+
+  @property
+  def _given(self) -> tuple:
+    return self.given or (self.heavy, self.recent)
 
   def bind(self, capacity):
-    heavy, recent = _tokens(self.heavy, capacity, "heavy"), _tokens(self.recent, capacity, "recent")
-    if recent is None:
-      recent = capacity // 2 if heavy is None else max(capacity - heavy, 0)
-    recent = min(recent, capacity)
-    heavy = capacity - recent if heavy is None else min(heavy, capacity - recent)
-    return H2O(heavy=heavy, recent=recent)
+    heavy, recent = split_capacity(*self._given, capacity)
+    return H2O(heavy=int(heavy), recent=int(recent), given=self._given)
 
-  def _counts(self):
+  def _counts(self, capacity=None):
+    """(heavy, recent): split from each row's capacity ([B, K, 1]) when given, else the
+    bound token counts."""
+    if capacity is not None:
+      return split_capacity(*self._given, capacity)
     if not all(isinstance(x, int) for x in (self.heavy, self.recent)):
       raise PolicyError(f"{self.describe()} needs token counts: resolve None and fractions "
                         "against the capacity with ag_jax.policies.fit(policy, capacity)")
     return self.heavy, self.recent
 
-  def prefill_select(self, prob, flags, valid, positions, probs, keys=None):
-    heavy, recent = self._counts()
+  def prefill_select(self, prob, flags, valid, positions, probs, keys=None, capacity=None):
+    heavy, recent = self._counts(capacity)
     real_queries = valid[:, :, None, :, None]                          # [B, K, 1, T, 1]
     mass = jnp.sum(jnp.where(real_queries, probs, 0.0), axis=(2, 3))   # [B, K, S]
     is_recent = valid & (positions >= row_length(valid) - recent)
@@ -189,8 +213,8 @@ class H2O(Policy):
   def decode_update(self, score, slot_position, mass, position):
     return score + mass  # the newcomer's slot includes its attention to itself
 
-  def eviction_score(self, score, slot_position, position):
-    _, recent = self._counts()
+  def eviction_score(self, score, slot_position, position, capacity=None):
+    _, recent = self._counts(capacity)
     return jnp.where(slot_position > position[..., None] - recent, jnp.inf, score)
 
 
