@@ -176,9 +176,10 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
 
   logits: [B, V] predicting each prompt's next token, or [B, T, V] with all_logits.
   The cache is planned for T + max_new_tokens positions, decoded through the policy, with
-  room for `capacity` kept tokens per row (or `budget` x (T + max_new_tokens)). Or, the
-  kvpress protocol: `reserve` R > 0 compresses the prompt alone to `capacity` (or `budget`
-  x T) kept tokens and adds R slots, so the next R tokens are all kept (the cache's policy
+  room for `capacity` kept tokens per row (or, under a `budget`, budget x (T_b +
+  max_new_tokens) for the row of T_b prompt tokens, in slots sized for the longest). Or, the
+  kvpress protocol: `reserve` R > 0 compresses the prompt alone to `capacity` (or budget x
+  T_b) kept tokens and adds R slots, so the next R tokens are all kept (the cache's policy
   becomes Full). decode_step refuses to go past the plan. `row_capacity` [B] (ints in
   [1, capacity]) lowers row b's kept tokens to row_capacity[b] under the same shapes, in
   prefill and (without reserve) in every decode step: rows sized by their own lengths, as
@@ -201,6 +202,8 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
   context = planned_context(model, tokens.shape[1], max_new_tokens, reserve)
   compressed = tokens.shape[1] + max_new_tokens  # what the policy's capacity applies to
   policy, capacity = fit(policy, resolve_capacity(policy, compressed, capacity, budget))
+  if row_capacity is None:
+    row_capacity = budget_rows(policy, lengths + max_new_tokens, budget)
   row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity)
   if chunk is not None:
     chunk = _check_chunk(policy, chunk)
@@ -216,6 +219,16 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
   return _prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), row_capacity, model=model,
                   policy=policy, capacity=capacity, gate_slots=_gate_slots(model, compressed),
                   backend=backend, all_logits=all_logits, context=context, reserve=int(reserve))
+
+
+def budget_rows(policy: Policy, tokens_per_row, budget: float | None) -> np.ndarray | None:
+  """Under a budget, each row's own capacity: the capacity rule applied to that row's
+  tokens (its prompt + new tokens), so a prompt keeps the same share in any batch. None
+  without a budget, or for a policy that evicts nothing (it must hold the whole batch)."""
+  if budget is None or not policy.evicts:
+    return None
+  return np.array([fit(policy, resolve_capacity(policy, int(n), None, budget))[1]
+                   for n in np.asarray(tokens_per_row)], np.int32)
 
 
 def _check_row_capacity(row_capacity, batch: int, capacity: int):
@@ -351,8 +364,9 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
   """Generate for a batch of prompts (token lists, or tokens [B, T] with `lengths`).
 
   prefill_chunk: prefill the prompts in chunks of that many tokens (see `prefill`'s chunk).
-  A budget sizes every row by the batch's width + max_new_tokens; row_capacity [B] (see
-  `prefill`) gives each row its own capacity under the same shapes."""
+  A budget gives each prompt its own capacity, budget x (its length + max_new_tokens),
+  under one static cache sized for the longest (`row_capacity` [B], see `prefill`, sets
+  them by hand)."""
   if max_new_tokens < 1:
     raise InferenceError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   policy = policy or default_policy(model)
@@ -367,6 +381,8 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
   _check(model, policy, tokens, lengths)
   context = planned_context(model, tokens.shape[1], max_new_tokens)
   policy, capacity = fit(policy, resolve_capacity(policy, context, capacity, budget))
+  if row_capacity is None:
+    row_capacity = budget_rows(policy, lengths + max_new_tokens, budget)
   row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity)
   if prefill_chunk is not None:
     prefill_chunk = _check_chunk(policy, prefill_chunk)
@@ -393,6 +409,15 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
 
 
 _COMPILED: dict = {}
+
+
+def clear_compiled() -> None:
+  """Drops every compiled program, the engine's and jax's. A long sweep compiles one per
+  shape, capacity and policy, and on CPU each holds a few memory mappings (~3.5): the
+  README's policy table reached 34k of the 65530 a process may map by default
+  (vm.max_map_count) a third of the way through, and the next mapping fails."""
+  _COMPILED.clear()
+  jax.clear_caches()
 
 
 def _compile(jitted, args, statics):

@@ -184,3 +184,20 @@ def test_generate_with_row_capacity_equals_each_row_alone(windowed):
     alone = ag_jax.generate(model, variables, rows[b:b + 1], policy=policies.StreamingLLM(sink=2),
                             capacity=int(cap), max_new_tokens=STEPS, prefill_chunk=4)
     np.testing.assert_array_equal(together.tokens[b], alone.tokens[0])
+
+
+def test_a_budget_is_each_prompts_own(windowed):
+  """Under a budget each prompt keeps budget x (its own length + new tokens), whatever the
+  batch around it: generate over the batch equals generate over each prompt alone."""
+  model, variables, prompts, _, _, _ = windowed
+  rows = [list(p[:n]) for p, n in zip(prompts, LENGTHS)]
+  for policy in (policies.StreamingLLM(sink=1), policies.H2O()):
+    together = ag_jax.generate(model, variables, rows, policy=policy, budget=0.5,
+                               max_new_tokens=STEPS, return_cache=True)
+    for b, n in enumerate(LENGTHS):
+      alone = ag_jax.generate(model, variables, rows[b:b + 1], policy=policy, budget=0.5,
+                              max_new_tokens=STEPS, return_cache=True)
+      np.testing.assert_array_equal(together.tokens[b], alone.tokens[0])
+      np.testing.assert_array_equal(np.asarray(together.cache.length)[:, b],
+                                    np.asarray(alone.cache.length)[:, 0])
+      assert alone.capacity == -(-(n + STEPS) // 2)

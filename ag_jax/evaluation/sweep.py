@@ -14,7 +14,7 @@ from typing import Sequence
 
 import yaml
 
-from ag_jax import atomic_io, policies
+from ag_jax import atomic_io, engine, policies
 from ag_jax.engine import InferenceError
 from ag_jax.policies import Policy, PolicyError
 
@@ -59,6 +59,7 @@ def run_sweep(model, variables, tokenizer, tasks: Sequence, policy_specs: Sequen
           log(f"{task.name:>12} {spec:>24} {_size(row):>10}: "
               + ", ".join(f"{m}={row[m]:.4g}" for m in task.metrics)
               + f", kept {100 * row['kept']:.1f}%")
+      engine.clear_compiled()  # this policy's programs are not needed again: free them
   return rows
 
 
