@@ -38,8 +38,9 @@ Examples:
 --prompt runs static batches of --batch-size prompts. --prompts-file runs continuous
 batching: a fixed number of slots (--slots, or as many as fit in --memory-gb), each
 refilled with the next prompt as soon as its sequence ends, every result appended to
---output as it ends (a rerun resumes after them). Under --budget every slot has the same
-capacity: budget x (longest prompt + max new tokens).
+--output as it ends (a rerun resumes after them). Under --budget each prompt keeps at most
+budget x (its own tokens + max new tokens), in static batches and in slots alike (slots
+are sized for the longest prompt), so a prompt's answer never depends on its neighbours.
 """
 
 

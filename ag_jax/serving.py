@@ -10,7 +10,7 @@ free slot while the other rows go on decoding; a row ends at its own EOS or toke
 Exactness: rows never interact (decode is row-wise, a finished or empty row writes
 nothing), padding is never kept, and a row's gate ring never wraps unless the gate's own
 window makes it, so each row's greedy tokens equal `generate` for that prompt alone with
-the engine's capacity.
+the engine's capacity (under a budget: with that budget).
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def _insert(state: SlotState, row: KVCache, slot, first, limit, key, eos_id) -> 
       gate_k=None if c.gate_k is None else put(c.gate_k, row.gate_k),
       gate_v=None if c.gate_v is None else put(c.gate_v, row.gate_v),
       next_position=put(c.next_position, row.next_position, 0),
-      seen=put(c.seen, row.seen, 0))
+      seen=put(c.seen, row.seen, 0),
+      row_capacity=None if c.row_capacity is None else put(c.row_capacity, row.row_capacity, 0))
   tokens = jnp.zeros_like(state.tokens[0]).at[0].set(first)
   return state.replace(
       cache=cache, last_token=state.last_token.at[slot].set(first),
@@ -152,7 +153,8 @@ class SlotEngine:
   `run(requests)` yields `Completion`s as rows end.
 
   The cache is planned for `max_prompt_tokens + max_new_tokens` positions per row with
-  `capacity` kept tokens (or `budget` x that context: the same size for every slot).
+  `capacity` kept tokens (or `budget` x that context); under a budget each row keeps at
+  most budget x (its own prompt + max_new_tokens), as `generate` gives that prompt alone.
   """
 
   def __init__(self, model: Llama, variables, *, max_prompt_tokens: int, max_new_tokens: int,
@@ -178,6 +180,9 @@ class SlotEngine:
     self.context = engine.planned_context(model, self.buckets[-1], self.max_new_tokens)
     self.bound_policy, self.capacity = fit(
         self.policy, engine.resolve_capacity(self.policy, self.context, capacity, budget))
+    # Under a budget each row keeps budget x (its prompt + max_new_tokens), as `generate`
+    # gives it alone; the slots are sized for the longest.
+    self.budget = budget if self.bound_policy.evicts else None
     if self.policy.uses_gate and model.gate is None:
       raise engine.InferenceError(f"the {self.policy.name} policy needs gates, but the model has "
                                   "none: load trained gates (--gates) or choose another policy")
@@ -199,7 +204,8 @@ class SlotEngine:
   def _empty(self, batch: int) -> KVCache:
     cache = engine.empty_cache(self.model, batch, self.capacity + 1, self.gate_slots,
                                self.bound_policy, self.backend)
-    return cache.replace(planned_context=self.context)
+    row_capacity = None if self.budget is None else jnp.full((batch,), self.capacity, jnp.int32)
+    return cache.replace(planned_context=self.context, row_capacity=row_capacity)
 
   @property
   def slot_bytes(self) -> int:
@@ -249,7 +255,8 @@ class SlotEngine:
     logits, row = engine.prefill(
         self.model, self.variables, tokens, np.array([n], np.int32), policy=self.policy,
         capacity=self.capacity, max_new_tokens=self.context - width, chunk=self.prefill_chunk,
-        backend=self.backend)
+        backend=self.backend,
+        row_capacity=engine.budget_rows(self.bound_policy, [n + self.max_new_tokens], self.budget))
     key = jax.random.fold_in(jax.random.key(self.seed),
                              index if request.seed is None else request.seed)
     first = _sample_rows(logits, key[None], jnp.zeros((1,), jnp.int32), self.sampling)[0]

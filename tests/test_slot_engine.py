@@ -57,6 +57,20 @@ def test_every_row_equals_generate_alone(world, name):
   assert (max(kept) <= 1.0) and (name == "full") == (min(kept) == 1.0)
 
 
+def test_a_budget_is_each_rows_own(world):
+  """Under a budget each slot keeps budget x (its prompt + max_new_tokens), as `generate`
+  gives that prompt alone with the budget; the slots are sized for the longest."""
+  model, variables, requests = world
+  for name in ("streaming_llm", "h2o"):
+    policy = policies.make_policy(name)
+    eng, got = served(model, variables, requests, policy, None, budget=0.5)
+    assert eng.capacity == -(-(32 + MAX_NEW) // 2)  # the widest bucket's
+    for r in requests:
+      out = ag_jax.generate(model, variables, [r.tokens], policy=policy, budget=0.5,
+                            max_new_tokens=MAX_NEW)
+      assert got[r.id].tokens == out.tokens[0, :r.max_new_tokens].tolist(), (name, r.id)
+
+
 def test_eos_and_chunked_prefill(world):
   """A row that meets EOS ends there (and its slot is refilled); with chunked prefill each
   row equals `generate` alone with the same chunk (the prompt padded to its bucket adds
