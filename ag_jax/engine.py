@@ -204,7 +204,7 @@ def prefill(model: Llama, variables, tokens, lengths=None, *, policy: Policy | N
   policy, capacity = fit(policy, resolve_capacity(policy, compressed, capacity, budget))
   if row_capacity is None:
     row_capacity = budget_rows(policy, lengths + max_new_tokens, budget)
-  row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity)
+  row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity, policy)
   if chunk is not None:
     chunk = _check_chunk(policy, chunk)
     slots = _gate_slots(model, compressed)
@@ -231,10 +231,15 @@ def budget_rows(policy: Policy, tokens_per_row, budget: float | None) -> np.ndar
                    for n in np.asarray(tokens_per_row)], np.int32)
 
 
-def _check_row_capacity(row_capacity, batch: int, capacity: int):
-  """None, or row_capacity as int32 [B] after checking each is in [1, capacity]."""
+def _check_row_capacity(row_capacity, batch: int, capacity: int, policy: Policy):
+  """None, or row_capacity as int32 [B] after checking each is in [1, capacity] and that
+  the policy evicts (a cap below a row's tokens would make a Full cache evict)."""
   if row_capacity is None:
     return None
+  if not policy.evicts:
+    raise InferenceError(f"the {policy.name} policy evicts nothing, so its rows cannot be "
+                         "held below the capacity: drop row_capacity, or choose an evicting "
+                         "policy")
   rows = np.asarray(row_capacity)
   if rows.shape != (batch,) or not np.issubdtype(rows.dtype, np.integer):
     raise InferenceError(f"row_capacity must be {batch} integers (one per prompt), got "
@@ -383,7 +388,7 @@ def generate(model: Llama, variables, prompts, *, policy: Policy | None = None,
   policy, capacity = fit(policy, resolve_capacity(policy, context, capacity, budget))
   if row_capacity is None:
     row_capacity = budget_rows(policy, lengths + max_new_tokens, budget)
-  row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity)
+  row_capacity = _check_row_capacity(row_capacity, tokens.shape[0], capacity, policy)
   if prefill_chunk is not None:
     prefill_chunk = _check_chunk(policy, prefill_chunk)
   args = (variables, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),

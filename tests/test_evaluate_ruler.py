@@ -217,6 +217,9 @@ def test_row_capacity_is_checked(world):
   with pytest.raises(ag_jax.InferenceError, match=r"row_capacity must lie in \[1, capacity=8\]"):
     ag_jax.prefill(model, variables, tokens, policy=policies.Local(), capacity=8,
                    row_capacity=[8, 9])
+  with pytest.raises(ag_jax.InferenceError, match="Full policy evicts nothing"):
+    ag_jax.prefill(model, variables, tokens, policy=policies.Full(), capacity=32,
+                   row_capacity=[32, 8])
   with pytest.raises(ag_jax.InferenceError, match="row_capacity must be 2 integers"):
     ag_jax.prefill(model, variables, tokens, policy=policies.Local(), capacity=8,
                    row_capacity=[8])

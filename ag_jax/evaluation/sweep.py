@@ -38,7 +38,9 @@ def run_sweep(model, variables, tokenizer, tasks: Sequence, policy_specs: Sequen
               batch_size: int = 16, backend: str | None = None, log=None) -> list[dict]:
   """Rows {task, policy (the spec), describe (as run), budget, capacity, kept, kv_mib, ...,
   metrics} for every task x
-  policy x budget (or x capacity when `capacities` is given instead of budgets)."""
+  policy x budget (or x capacity when `capacities` is given instead of budgets). Each
+  policy's compiled programs, and jax's caches with them, are dropped once its budgets ran
+  (`engine.clear_compiled`): a long sweep otherwise runs out of memory mappings."""
   parsed = [(spec, parse_policy(spec)) for spec in policy_specs]
   for spec, policy in parsed:
     if policy.uses_gate and model.gate is None:

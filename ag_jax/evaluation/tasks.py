@@ -21,8 +21,8 @@ import numpy as np
 
 import ag_jax
 from ag_jax.data import DataError, open_source, score_answer
-from ag_jax.evaluation.scoring import (CacheStats, batch_setting, perplexity, resolve_setting,
-                                       score_and_greedy, score_continuations)
+from ag_jax.evaluation.scoring import (CacheStats, perplexity, resolve_setting, score_and_greedy,
+                                       score_continuations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,14 +196,12 @@ def recall_accuracy(model, variables, tokenizer, examples: Sequence[tuple[str, s
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
     ids = [tokenizer.encode(examples[i][0], add_bos=True) for i in rows]
-    # Each prompt's budget is of its own prompt + max_new tokens: a row answers the same
-    # in any batch.
-    settings = [resolve_setting(model, policy, len(p) + max_new, capacity, budget) for p in ids]
-    bound, cap, row_cap = batch_setting(settings)
-    result = ag_jax.generate(model, variables, ids, policy=bound, capacity=cap,
-                             max_new_tokens=max_new, eos_id=tokenizer.eos_id,
-                             pad_id=tokenizer.pad_id, backend=backend,
-                             row_capacity=row_cap if bound.evicts else None)
+    # generate holds each prompt to its own budget (its prompt + max_new tokens), so a row
+    # answers the same in any batch; `bound` is the policy as run, for the statistics.
+    bound, _ = resolve_setting(model, policy, max(map(len, ids)) + max_new, capacity, budget)
+    result = ag_jax.generate(model, variables, ids, policy=bound, capacity=capacity,
+                             budget=budget, max_new_tokens=max_new, eos_id=tokenizer.eos_id,
+                             pad_id=tokenizer.pad_id, backend=backend)
     for i, text in zip(rows, result.texts(tokenizer)):
       correct[i] = score_answer(text, examples[i][1])
     stats.add(bound, result.capacity, result.kept_ratio, result.kv_bytes, result.cache_bytes,
