@@ -19,14 +19,12 @@ import dataclasses
 import inspect
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from ag_jax import capacity_view, engine, policies
-from ag_jax.cache import full_kv_nbytes, kept_ratio
 from ag_jax.data.ruler import answer_joins
-from ag_jax.evaluation.scoring import (CacheStats, _teacher_forced, batch_setting,
-                                       padded_batches, resolve_setting, score_and_greedy)
+from ag_jax.evaluation.scoring import (CacheStats, batch_setting, padded_batches,
+                                       resolve_setting, score_and_greedy, score_batch)
 
 PROTOCOLS = ("kvpress", "decode")
 
@@ -79,7 +77,7 @@ def score_protocol(model, variables, contexts: Sequence[Sequence[int]],
                               "this engine has none yet: use protocol='decode'")
   policy = policy or engine.default_policy(model)
   scores, greedy = [None] * len(contexts), [None] * len(contexts)
-  stats, cfg = CacheStats(), model.cfg
+  stats = CacheStats()
   for rows, tokens, lengths, targets, active in padded_batches(
       contexts, continuations, batch_size, bucket, pad_id):
     width, steps = tokens.shape[1], targets.shape[1]
@@ -87,16 +85,9 @@ def score_protocol(model, variables, contexts: Sequence[Sequence[int]],
     logits, cache = engine.prefill(model, variables, tokens, lengths, policy=bound,
                                    capacity=keep if bound.evicts else width, reserve=steps,
                                    backend=backend, row_capacity=row_keep if bound.evicts else None)
-    cache = cache.replace(policy=policies.Full())
-    logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets),
-                                        jnp.asarray(active), model=model)
-    logp, hits = np.asarray(logp), np.asarray(hits)
-    for r, i in enumerate(rows):
-      scores[i] = logp[r, :len(continuations[i])]
-      greedy[i] = hits[r, :len(continuations[i])]
-    stats.add(bound, keep, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
-              full_kv_nbytes(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim,
-                             width + steps, cfg.dtype), len(rows))
+    score_batch(model, variables, cache.replace(policy=policies.Full()), logits, rows,
+                continuations, targets, active, width=width, policy=bound, capacity=keep,
+                out=(scores, greedy, stats))
   return scores, greedy, stats
 
 

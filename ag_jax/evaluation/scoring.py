@@ -155,7 +155,7 @@ def score_and_greedy(model: Llama, variables, prefixes: Sequence[Sequence[int]],
       raise ValueError(f"row {i}: prefix and continuation need at least one token each")
   scores: list[np.ndarray | None] = [None] * len(prefixes)
   greedy: list[np.ndarray | None] = [None] * len(prefixes)
-  stats, cfg = CacheStats(), model.cfg
+  stats = CacheStats()
   for rows, tokens, lengths, targets, active in padded_batches(
       prefixes, continuations, batch_size, bucket, pad_id):
     width, steps = tokens.shape[1], targets.shape[1]
@@ -168,16 +168,32 @@ def score_and_greedy(model: Llama, variables, prefixes: Sequence[Sequence[int]],
       cap, row_cap = width + steps, None  # a non-evicting cache also holds the padding steps
     logits, cache = engine.prefill(model, variables, tokens, lengths, policy=bound, capacity=cap,
                                    max_new_tokens=steps, backend=backend, row_capacity=row_cap)
-    logp, hits, cache = _teacher_forced(variables, cache, logits, jnp.asarray(targets),
-                                        jnp.asarray(active), model=model)
-    logp, hits = np.asarray(logp), np.asarray(hits)
-    for r, i in enumerate(rows):
-      scores[i] = logp[r, :len(continuations[i])]
-      greedy[i] = hits[r, :len(continuations[i])]
-    stats.add(bound, cap, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
-              full_kv_nbytes(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim,
-                             width + steps, cfg.dtype), len(rows))
+    score_batch(model, variables, cache, logits, rows, continuations, targets, active,
+                width=width, policy=bound, capacity=cap, out=(scores, greedy, stats))
   return scores, greedy, stats
+
+
+def score_batch(model: Llama, variables, cache, first_logits, rows: Sequence[int],
+                continuations: Sequence[Sequence[int]], targets: np.ndarray,
+                active: np.ndarray, *, width: int, policy: Policy, capacity, out) -> None:
+  """Teacher-force one padded batch (targets, active [B, steps], as `padded_batches`
+  yields them) from its prefilled cache and first_logits [B, V].
+
+  out = (scores, greedy, stats): the batch's input `rows` of the two lists are filled, and
+  the cache (prompts `width` tokens wide, sized for `policy` and `capacity`) is added to
+  the CacheStats.
+  """
+  scores, greedy, stats = out
+  cfg = model.cfg
+  logp, hits, cache = _teacher_forced(variables, cache, first_logits, jnp.asarray(targets),
+                                      jnp.asarray(active), model=model)
+  logp, hits = np.asarray(logp), np.asarray(hits)
+  for r, i in enumerate(rows):
+    scores[i] = logp[r, :len(continuations[i])]
+    greedy[i] = hits[r, :len(continuations[i])]
+  stats.add(policy, capacity, kept_ratio(cache), cache.kv_nbytes, cache.nbytes,
+            full_kv_nbytes(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim,
+                           width + targets.shape[1], cfg.dtype), len(rows))
 
 
 def perplexity(model: Llama, variables, token_rows: Sequence[Sequence[int]], *,
