@@ -36,7 +36,12 @@ def test_deterministic_and_random_access():
   assert RecallSource(RecallConfig(seed=1), "train", 50)[0] != source[0]
   with pytest.raises(IndexError):
     source[50]
+  with pytest.raises(IndexError):
+    source[-51]
+  assert source.__getitems__([7, -1]) == [source[7], source[49]]
   assert len(list(source)) == 50 == len(source)
+  with pytest.raises(ValueError, match="size must be >= 1"):
+    RecallSource(RecallConfig(), "train", size=0)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)

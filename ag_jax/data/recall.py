@@ -34,6 +34,8 @@ import zlib
 
 import numpy as np
 
+from ag_jax.data.indexed import IndexedSource
+
 DISTRACTORS = ("random", "repeated", "near_miss", "mixed")
 QUERY_POSITIONS = ("end", "interleaved")
 NEAR_MISS_MARKERS = "%&@$"
@@ -225,31 +227,16 @@ def _near_miss(rng, keys, values) -> str:
   return f"{rng.choice(NEAR_MISS_MARKERS)}{key}={value};"
 
 
-class RecallSource:
+class RecallSource(IndexedSource):
   """Random-access source of `size` recall examples of one split (like tfds.data_source)."""
 
   def __init__(self, config: RecallConfig = RecallConfig(), split: str = "train",
                size: int = 100_000):
-    if size < 1:
-      raise ValueError(f"size must be >= 1, got {size}")
-    self.config, self.split, self.size = config, split, int(size)
+    super().__init__(size)
+    self.config, self.split = config, split
 
-  def __len__(self) -> int:
-    return self.size
-
-  def __getitem__(self, index) -> dict:
-    i = index.__index__()
-    if i < 0:
-      i += self.size
-    if not 0 <= i < self.size:
-      raise IndexError(f"index {index} out of range for RecallSource of size {self.size}")
+  def example_at(self, i: int) -> dict:
     return generate_example(self.config, self.split, i)
-
-  def __getitems__(self, indices) -> list[dict]:
-    return [self[i] for i in indices]
-
-  def __iter__(self):
-    return (self[i] for i in range(self.size))
 
   def __repr__(self) -> str:
     return f"RecallSource({self.config}, split={self.split!r}, size={self.size})"

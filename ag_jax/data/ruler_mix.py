@@ -28,6 +28,7 @@ import dataclasses
 import random
 
 from ag_jax.data import ruler
+from ag_jax.data.indexed import IndexedSource
 from ag_jax.data.ruler import (HAYSTACKS, KEY_WORDS, RETRIEVAL_TASKS, TASKS, VALUE_NUMBERS,
                                RulerConfig)
 
@@ -321,31 +322,19 @@ def _fit_drill(tokenizer, rng, length, lo, hi, hay=None, form="multikey") -> dic
   return {**ex, "length": ruler.count_tokens(tokenizer, ex["text"])}
 
 
-class RulerSource:
+class RulerSource(IndexedSource):
   """Random-access source of `size` examples of one split (like tfds.data_source)."""
 
   def __init__(self, mix: RulerMix, tokenizer, split: str = "train", size: int = 1_000_000,
                root: str | None = None, limit: int | None = None):
-    if size < 1:
-      raise ValueError(f"size must be >= 1, got {size}")
-    self.mix, self.tokenizer, self.split, self.size = mix, tokenizer, split, int(size)
+    super().__init__(size)
+    self.mix, self.tokenizer, self.split = mix, tokenizer, split
     self.root, self.limit = root, limit
 
-  def __len__(self) -> int:
-    return self.size
-
-  def __getitem__(self, index) -> dict:
-    i = index.__index__()
-    if i < 0:
-      i += self.size
-    if not 0 <= i < self.size:
-      raise IndexError(f"index {index} out of range for RulerSource of size {self.size}")
+  def example_at(self, i: int) -> dict:
     ex = self.mix.example(self.tokenizer, self.split, i, self.root, self.limit)
     return {k: ex[k] for k in ("task", "text", "prompt", "response", "prompt_weight",
                                  "eos_weight", "pieces", "context_tokens") if k in ex}
-
-  def __getitems__(self, indices) -> list[dict]:
-    return [self[i] for i in indices]
 
   def __repr__(self) -> str:
     return f"RulerSource({self.mix}, split={self.split!r}, size={self.size})"
