@@ -323,3 +323,21 @@ def test_drill_forms_start_at_their_index_and_change_nothing_before(tok):
   later = [forms.example(tok, "train", i)["lines"][0] for i in range(6, 30)]
   assert any(line.startswith("# VAR") for line in later)
   assert any(line.startswith("# For") for line in later)
+
+
+def test_digit_copy_rows_start_at_their_index_and_change_nothing_before(tok):
+  kw = dict(tasks=("niah_multikey",), min_length=60, max_length=90, copy_share=1.0,
+            copy_alphabets=(0, 4))
+  plain = ruler_mix.RulerMix(**kw)
+  digits = ruler_mix.RulerMix(**kw, digit_copy=0.5, digit_copy_from=5)
+  assert [plain.example(tok, "train", i) for i in range(5)] == \
+      [digits.example(tok, "train", i) for i in range(5)]
+  later = [digits.example(tok, "train", i) for i in range(5, 45)]
+  over_digits = [ex for ex in later if set(ex["text"].split()) <= set("123456789")]
+  assert 8 <= len(over_digits) <= 32  # about half of them
+  for ex in over_digits:  # a copy row still: one token per digit, the span repeated
+    ids = tok.encode(ex["text"], add_bos=True)
+    assert len(ids) == ex["length"] and ex["text"].endswith(ex["response"])
+    assert ex["response"] and ex["prompt_weight"] == 0.0
+  with pytest.raises(ValueError, match="digit_copy is a share"):
+    ruler_mix.RulerMix(**kw, digit_copy=1.5)

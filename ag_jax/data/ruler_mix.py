@@ -33,17 +33,22 @@ from ag_jax.data.ruler import (HAYSTACKS, KEY_WORDS, RETRIEVAL_TASKS, TASKS, VAL
                                RulerConfig)
 
 _POOL = tuple(" " + w for w in KEY_WORDS + VALUE_NUMBERS)  # single tokens of the stdlib BPE
+# The numbers of niah_multivalue's needles ("magic number 3 is"): single tokens too, but not
+# in the pool, so no copy row trains a match on them (digit_copy).
+DIGITS = tuple(f" {d}" for d in range(1, 10))
 MIN_COPY_LENGTH = 20
 QUESTION_ROOM = 127  # tokens a row holds past a context of max_length: seq_len - max_length - EOS
 
 
-def copy_example(rng: random.Random, length: int, alphabet: int = 0) -> dict:
+def copy_example(rng: random.Random, length: int, alphabet: int = 0,
+                 pool: tuple[str, ...] = _POOL) -> dict:
   """A content-matched copy row of at most `length` tokens (BOS included, EOS not): BOS,
   filler, a span x of 8..min(length // 3, 64) pool tokens, filler, x again; both filler
   lengths random, so only a content match (not a fixed offset) predicts the second x.
   `alphabet` k > 0 draws the row from k pool tokens only: a token then recurs within x, so
   matching the previous token alone is ambiguous and the copy must match the last two or
-  three (the match a needle lookup "for KEY is" -> VALUE needs). prompt ends with x's first token
+  three (the match a needle lookup "for KEY is" -> VALUE needs). `pool` replaces the key and
+  value pool (DIGITS: rows over the nine digit tokens). prompt ends with x's first token
   again; response is the rest of x (the targets a copy predicts; the filler is noise)."""
   if length < MIN_COPY_LENGTH:
     raise ValueError(f"copy rows need length >= {MIN_COPY_LENGTH}, got {length}")
@@ -51,7 +56,7 @@ def copy_example(rng: random.Random, length: int, alphabet: int = 0) -> dict:
   gaps = length - 1 - 2 * span
   first = rng.randint(0, gaps)
   second = rng.randint(0, gaps - first)
-  pool = rng.sample(_POOL, alphabet) if alphabet else _POOL
+  pool = rng.sample(pool, alphabet) if alphabet else pool
   draw = lambda n: [rng.choice(pool) for _ in range(n)]
   x = draw(span)
   prompt = "".join(draw(first) + x + draw(second) + x[:1])
@@ -151,6 +156,9 @@ class RulerMix:
   copy_share: float = 0.0         # share of copy rows after the copy warm-ups
   copy_alphabets: tuple[int, ...] = (0,)  # after the warm-up a copy row draws its alphabet
                                           # size from these (0: the whole pool)
+  digit_copy: float = 0.0         # share of those copy rows drawn over DIGITS instead: the
+  digit_copy_from: int = 0        # ... from this suite example on (multivalue's "number 3
+                                  # is" -> value is a match on a digit, which the pool lacks)
   drill_share: float = 0.0        # share of lookup drills after the copy warm-up
   drill_haystack: str | None = None  # haystack lines between a drill's lines; None: none
   drill_haystack_from: int = 0    # ... from this suite example on (counted as task_warmup)
@@ -202,6 +210,8 @@ class RulerMix:
       raise ValueError(f"drill_forms: some of {DRILL_FORMS}, got {self.drill_forms}")
     if self.drill_haystack is not None and self.drill_haystack not in HAYSTACKS:
       raise ValueError(f"drill_haystack={self.drill_haystack!r}: expected one of {HAYSTACKS}")
+    if not 0.0 <= self.digit_copy <= 1.0:
+      raise ValueError(f"digit_copy is a share in [0, 1], got {self.digit_copy}")
     if self.questions < 1:
       raise ValueError(f"questions must be >= 1, got {self.questions}")
     if self.context_weight < 0.0:
@@ -226,6 +236,9 @@ class RulerMix:
     length = rng.randint(self.min_length, top)
     draw = rng.random()
     if draw < self.copy_share:
+      # drawn only when asked for, so recipes without it read the same examples as before
+      if self.digit_copy and index >= self.digit_copy_from and rng.random() < self.digit_copy:
+        return copy_example(rng, max(MIN_COPY_LENGTH, length), pool=DIGITS)
       return copy_example(rng, max(MIN_COPY_LENGTH, length), rng.choice(self.copy_alphabets))
     draw -= self.copy_share
     if draw < self.drill_share:
