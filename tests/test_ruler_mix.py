@@ -339,5 +339,7 @@ def test_digit_copy_rows_start_at_their_index_and_change_nothing_before(tok):
     ids = tok.encode(ex["text"], add_bos=True)
     assert len(ids) == ex["length"] and ex["text"].endswith(ex["response"])
     assert ex["response"] and ex["prompt_weight"] == 0.0
+    cut = ex["prompt"].rindex(" ")  # the prompt ends with x's first token again
+    assert ex["prompt"][cut:] + ex["response"] in ex["prompt"][:cut]  # x occurred earlier
   with pytest.raises(ValueError, match="digit_copy is a share"):
     ruler_mix.RulerMix(**kw, digit_copy=1.5)

@@ -34,3 +34,6 @@ class IndexedSource:
 
   def __getitems__(self, indices) -> list[dict]:
     return [self[i] for i in indices]
+
+  def __iter__(self):
+    return (self.example_at(i) for i in range(self.size))
