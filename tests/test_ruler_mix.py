@@ -343,3 +343,20 @@ def test_digit_copy_rows_start_at_their_index_and_change_nothing_before(tok):
     assert ex["prompt"][cut:] + ex["response"] in ex["prompt"][:cut]  # x occurred earlier
   with pytest.raises(ValueError, match="digit_copy is a share"):
     ruler_mix.RulerMix(**kw, digit_copy=1.5)
+
+
+def test_forms_shares_apply_from_the_forms_index_and_change_nothing_before(tok):
+  kw = dict(tasks=("niah_multikey",), min_length=60, max_length=90, copy_share=0.8,
+            drill_share=0.1, drill_forms=("multikey", "vt"), drill_forms_from=5)
+  plain = ruler_mix.RulerMix(**kw)
+  late = ruler_mix.RulerMix(**kw, forms_copy_share=0.0, forms_drill_share=1.0)
+  assert [plain.example(tok, "train", i) for i in range(5)] == \
+      [late.example(tok, "train", i) for i in range(5)]
+  # from index 5 on every example of `late` is a drill (no copy row, no task); `plain` is
+  # still mostly copy rows
+  kinds = lambda mix: [mix.example(tok, "train", i)["task"] for i in range(5, 25)]
+  assert set(kinds(late)) == {"drill"}
+  assert kinds(plain).count("copy") >= 10
+  assert ruler_mix.parse_spec("ruler:forms_drill_share=0.5")[0].forms_drill_share == 0.5
+  with pytest.raises(ValueError, match="forms_copy_share, forms_drill_share"):
+    ruler_mix.RulerMix(**kw, forms_drill_share=0.5)  # 0.8 + 0.5 > 1

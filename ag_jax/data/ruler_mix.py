@@ -165,6 +165,9 @@ class RulerMix:
   drill_forms: tuple[str, ...] = ("multikey",)  # a drill draws its form from these
                                                 # (DRILL_FORMS: the suite's lookups) ...
   drill_forms_from: int = 0       # ... from this suite example on; before it, the first form
+  forms_copy_share: float | None = None   # copy_share and drill_share from drill_forms_from
+  forms_drill_share: float | None = None  # on (None: unchanged): more drills keep each form's
+                                          # rate up when the forms share them
   questions: int = 1              # questions per niah_multikey / multiquery context: the
   questions_from: int = 0         # extra ones (about other needles) from this suite example on
   context_weight: float = 1.0     # loss weight of a task example's context and question (its
@@ -203,9 +206,11 @@ class RulerMix:
       raise ValueError(f"copy_alphabets: sizes 0 (the whole pool) or 2..{len(_POOL)}, got "
                        f"{self.copy_alphabets}")
     shares = (self.copy_share, self.drill_share, self.lm_fraction)
-    if min(shares) < 0.0 or sum(shares) > 1.0:
-      raise ValueError(f"copy_share, drill_share and lm_fraction must be >= 0 with a sum <= 1, "
-                       f"got {shares}")
+    late = self._shares(self.drill_forms_from) + (self.lm_fraction,)
+    for names, values in (("copy_share, drill_share", shares),
+                          ("forms_copy_share, forms_drill_share", late)):
+      if min(values) < 0.0 or sum(values) > 1.0:
+        raise ValueError(f"{names} and lm_fraction must be >= 0 with a sum <= 1, got {values}")
     if not self.drill_forms or any(f not in DRILL_FORMS for f in self.drill_forms):
       raise ValueError(f"drill_forms: some of {DRILL_FORMS}, got {self.drill_forms}")
     if self.drill_haystack is not None and self.drill_haystack not in HAYSTACKS:
@@ -221,6 +226,13 @@ class RulerMix:
     if not self.tasks and sum(shares) < 1.0:
       raise ValueError("with no tasks, copy_share + drill_share + lm_fraction must be 1")
 
+  def _shares(self, index: int) -> tuple[float, float]:
+    """(copy share, drill share) of suite example `index`."""
+    if index < self.drill_forms_from:
+      return self.copy_share, self.drill_share
+    return (self.copy_share if self.forms_copy_share is None else self.forms_copy_share,
+            self.drill_share if self.forms_drill_share is None else self.forms_drill_share)
+
   def example(self, tokenizer, split: str, index: int, root=None, limit=None) -> dict:
     rng = random.Random(ruler.split_seed(self.base.seed, split, "mix", index))
     if index < self.copy_warmup:
@@ -235,13 +247,14 @@ class RulerMix:
                   (self.max_length - self.min_length))
     length = rng.randint(self.min_length, top)
     draw = rng.random()
-    if draw < self.copy_share:
+    copy_share, drill_share = self._shares(index)
+    if draw < copy_share:
       # drawn only when asked for, so recipes without it read the same examples as before
       if self.digit_copy and index >= self.digit_copy_from and rng.random() < self.digit_copy:
         return copy_example(rng, max(MIN_COPY_LENGTH, length), pool=DIGITS)
       return copy_example(rng, max(MIN_COPY_LENGTH, length), rng.choice(self.copy_alphabets))
-    draw -= self.copy_share
-    if draw < self.drill_share:
+    draw -= copy_share
+    if draw < drill_share:
       hay = None if self.drill_haystack is None or index < self.drill_haystack_from else \
           ruler.open_haystack(
           self.drill_haystack, self.base.haystack_split or split, root, limit)
@@ -251,7 +264,7 @@ class RulerMix:
         form = rng.choice(self.drill_forms)
       return _fit_drill(tokenizer, rng, length, self.min_needles or 4, self.max_needles or 8,
                         hay, form)
-    draw -= self.drill_share
+    draw -= drill_share
     if draw < self.lm_fraction or not self.tasks:
       hay = ruler.open_haystack("stdlib", self.base.haystack_split or split, root, limit)
       start = hay.start(rng)
