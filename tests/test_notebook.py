@@ -33,7 +33,7 @@ def test_ablation_notebook_runs_small(tmp_path, monkeypatch):
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
   with open(out / "gate_ablations" / "results.json") as f:
     variants = {r["variant"] for r in json.load(f)}
-  assert variants == {"recipe", "gate kind: linear", "gate heads: 2", "loss: l2", "loss: linear"}
+  assert variants == {"recipe", "gate kind: linear"}  # the small setting; the full run: all
   for png in ("policies_vs_kept.png", "ag_kept_heatmap.png", "ag_keep_map.png",
               "ablations_vs_kept.png"):
     assert (out / png).stat().st_size > 1000
