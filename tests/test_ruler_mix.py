@@ -360,3 +360,5 @@ def test_forms_shares_apply_from_the_forms_index_and_change_nothing_before(tok):
   assert ruler_mix.parse_spec("ruler:forms_drill_share=0.5")[0].forms_drill_share == 0.5
   with pytest.raises(ValueError, match="forms_copy_share, forms_drill_share"):
     ruler_mix.RulerMix(**kw, forms_drill_share=0.5)  # 0.8 + 0.5 > 1
+  with pytest.raises(ValueError, match="with no tasks"):  # the late shares leave a gap
+    ruler_mix.RulerMix(**{**kw, "tasks": (), "copy_share": 0.9}, forms_copy_share=0.5)

@@ -223,8 +223,9 @@ class RulerMix:
       raise ValueError(f"context_weight must be >= 0, got {self.context_weight}")
     if not 0.0 <= self.question_in_context <= 1.0:
       raise ValueError(f"question_in_context is a share in [0, 1], got {self.question_in_context}")
-    if not self.tasks and sum(shares) < 1.0:
-      raise ValueError("with no tasks, copy_share + drill_share + lm_fraction must be 1")
+    if not self.tasks and min(sum(shares), sum(late)) < 1.0:
+      raise ValueError("with no tasks, copy_share + drill_share + lm_fraction (and the forms_ "
+                       "shares in their place) must be 1")
 
   def _shares(self, index: int) -> tuple[float, float]:
     """(copy share, drill share) of suite example `index`."""
