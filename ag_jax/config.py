@@ -148,6 +148,12 @@ class GateConfig:
   # flagged tokens by keep probability, as the kvpress protocol's cache keeps them.
   # None: the gates' flags alone. Training only; inference takes its budget from the user.
   train_budgets: tuple[float, ...] | None = None
+  # Attention sinks: the first `sink_tokens` positions of a sequence keep probability 1, so
+  # every view keeps them in every (layer, KV head) row and ranks them first under a budget.
+  # Softmax attention parks mass on the first token; a gate that evicts it under a tight
+  # budget changes every later attention pattern (StreamingLLM's observation). 0: the gates
+  # decide every token (the paper, and every export written before this field).
+  sink_tokens: int = 0
 
   def __post_init__(self):
     if self.kind not in _GATE_KINDS:
@@ -170,6 +176,8 @@ class GateConfig:
                         f"({self.num_heads}) or null, got {self.num_kv_heads}")
     if self.window is not None and self.window <= 0:
       raise ConfigError(f"GateConfig.window must be a positive integer or null, got {self.window}")
+    if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+      raise ConfigError(f"GateConfig.sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
     if self.eviction_weight < 0:
       raise ConfigError(f"GateConfig.eviction_weight must be >= 0, got {self.eviction_weight}")
     if self.train_budgets is not None and (

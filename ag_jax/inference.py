@@ -134,13 +134,13 @@ def _decode_gate(layer, h, position, cache, l, active):
   Rows not `active` [B] leave their ring untouched.
   """
   if layer.gate.kind == "linear":
-    return layer.gate_token_prob(h), cache
+    return layer.gate_token_prob(h, position), cache
   gq, gk, gv = layer.gate_token_kv(h, position)  # gq [B, N, D]; gk, gv [B, M, D]
   slots = cache.gate_k.shape[3]
   ring_slot = jnp.broadcast_to((position % slots)[:, None], gk.shape[:2])  # [B, M]
   gate_k = cache_lib.write_rows(cache.gate_k, l, ring_slot, gk, active)
   gate_v = cache_lib.write_rows(cache.gate_v, l, ring_slot, gv, active)
-  prob = layer.gate_token_prob(h, gq, gate_k[l], gate_v[l], position)
+  prob = layer.gate_token_prob(h, position, gq, gate_k[l], gate_v[l])
   return prob, cache.replace(gate_k=gate_k, gate_v=gate_v)
 
 

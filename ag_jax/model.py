@@ -97,7 +97,7 @@ class DecoderLayer(nn.Module):
     out = self.evict_gate(h, ctx.positions, ctx.segments, gate_freq, return_kv=return_kv,
                           backend=ctx.backend)
     logits, gate_kv = out if return_kv else (out, None)
-    prob = jax.nn.sigmoid(logits).transpose(0, 2, 1)  # [B, K, T]
+    prob = self.with_sinks(jax.nn.sigmoid(logits).transpose(0, 2, 1), ctx.positions)  # [B, K, T]
     return (prob, gate_kv) if return_kv else prob
 
   def gate_chunk(self, h, ctx: LayerContext, ring_k=None, ring_v=None, ring_positions=None,
@@ -106,23 +106,35 @@ class DecoderLayer(nn.Module):
     gate k/v are in the ring ([B, M, W, D]; positions, segments [B, W]); and the chunk's gate
     k, v [B, C, M, D] for the ring (None for a linear gate, which needs no ring)."""
     if self.gate.kind == "linear":
-      return jax.nn.sigmoid(self.evict_gate.linear_logits(h)).transpose(0, 2, 1), None
-    logits, kv = self.evict_gate.chunk(h, ctx.positions, ctx.segments, self.gate_inv_freq,
-                                       ring_k, ring_v, ring_positions, ring_segments,
-                                       ctx.backend)
-    return jax.nn.sigmoid(logits).transpose(0, 2, 1), kv
+      logits, kv = self.evict_gate.linear_logits(h), None
+    else:
+      logits, kv = self.evict_gate.chunk(h, ctx.positions, ctx.segments, self.gate_inv_freq,
+                                         ring_k, ring_v, ring_positions, ring_segments,
+                                         ctx.backend)
+    return self.with_sinks(jax.nn.sigmoid(logits).transpose(0, 2, 1), ctx.positions), kv
 
   def gate_token_kv(self, h, position):
     """A new token's gate q [B, N, D] and k, v [B, M, D] (attention gate); h [B, 1, E]."""
     gq, gk, gv = self.evict_gate.project(h, position[:, None], self.gate_inv_freq)
     return gq[:, 0], gk[:, 0], gv[:, 0]
 
-  def gate_token_prob(self, h, gq=None, ring_k=None, ring_v=None, position=None):
-    """A new token's keep probability [B, K]: from its own state h [B, 1, E] (linear gate),
-    or its gate query over the ring [B, M, W, D] that already holds its own k/v."""
+  def gate_token_prob(self, h, position, gq=None, ring_k=None, ring_v=None):
+    """A new token's keep probability [B, K] at position [B]: from its own state h [B, 1, E]
+    (linear gate), or its gate query over the ring [B, M, W, D] that already holds its own
+    k/v."""
     if self.gate.kind == "linear":
-      return jax.nn.sigmoid(self.evict_gate.linear_logits(h)[:, 0])
-    return jax.nn.sigmoid(self.evict_gate.decode_logits(gq, ring_k, ring_v, position))
+      logits = self.evict_gate.linear_logits(h)[:, 0]
+    else:
+      logits = self.evict_gate.decode_logits(gq, ring_k, ring_v, position)
+    return self.with_sinks(jax.nn.sigmoid(logits)[:, :, None], position[:, None])[:, :, 0]
+
+  def with_sinks(self, prob, positions):
+    """prob [B, K, T] with the sink positions (positions [B, T] < gate.sink_tokens) at 1:
+    the one place every view (training, prefill, chunks, decode) takes its keep
+    probabilities from, so they agree on the sinks."""
+    if not self.gate.sink_tokens:
+      return prob
+    return jnp.where((positions < self.gate.sink_tokens)[:, None, :], 1.0, prob).astype(prob.dtype)
 
   def __call__(self, carry, ctx: LayerContext, per_layer):
     """One layer in the layer scan; what the arguments carry depends on ctx.mode:

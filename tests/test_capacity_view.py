@@ -152,6 +152,53 @@ def test_budget_view_refuses_what_it_cannot_honour(gated, tiny_cfg):
                 capacity=n)
 
 
+def test_sinks_are_kept_first_in_every_view(tiny_cfg):
+  """GateConfig.sink_tokens: the first positions keep probability 1 in the training view,
+  prefill and decode (here a linear gate, and 8 sinks, so row 0's first decode steps are
+  sinks too); the invariant holds, and under a capacity of 2 every row keeps positions 0, 1.
+  The same weights without sinks evict some of those positions (the guard)."""
+  sinks = 8
+  gate = GateConfig(kind="linear", sink_tokens=sinks)
+  model = ag_jax.Llama(tiny_cfg, gate=gate)
+  variables = ag_jax.init_variables(model, jax.random.key(3))
+  rng = np.random.default_rng(3)  # a linear gate: logits far from 0, about half below it
+  g = dict(variables["params"]["layers"]["gate"])
+  g = {name: jnp.asarray(rng.normal(0, 4.0, np.shape(w)).astype(np.float32)) for name, w in g.items()}
+  variables["params"]["layers"]["gate"] = g
+  prompts, continuation, joined = sequences(tiny_cfg.vocab_size, seed=3)
+  with jax.default_matmul_precision("highest"):
+    view, (probs, flags) = model.apply(variables, jnp.asarray(joined), return_gates=True)
+    _, (_, plain_flags) = ag_jax.Llama(tiny_cfg, gate=GateConfig(kind="linear")).apply(
+        variables, jnp.asarray(joined), return_gates=True)
+    logits, cache = ag_jax.prefill(model, variables, prompts, LENGTHS, max_new_tokens=STEPS,
+                                   all_logits=True)
+    steps = []
+    for j in range(STEPS):
+      step_logits, cache = ag_jax.decode_step(model, variables, cache, continuation[:, j])
+      steps.append(np.asarray(step_logits))
+    _, capped = ag_jax.prefill(model, variables, prompts, LENGTHS, capacity=2, reserve=STEPS)
+  probs, flags, view = np.asarray(probs), np.asarray(flags), np.asarray(view)
+  assert (probs[..., :sinks] == 1.0).all() and flags[..., :sinks].all()
+  assert not np.asarray(plain_flags)[..., :sinks].all()
+  assert 0.2 < flags[..., sinks:].mean() < 0.8  # the rest is gated
+  position, length = np.asarray(cache.position), np.asarray(cache.length)
+  for b, n in enumerate(LENGTHS):
+    np.testing.assert_allclose(np.asarray(logits)[b, :n], view[b, :n], atol=1e-4)
+    for j in range(STEPS):
+      np.testing.assert_allclose(steps[j][b], view[b, n + j], atol=1e-4)
+    np.testing.assert_array_equal(length[:, b], flags[:, b, :, :n + STEPS].sum(-1))
+    held = min(sinks, n + STEPS)
+    assert (position[:, b, :, :held] == np.arange(held)).all()
+  assert (np.asarray(capped.position)[..., :2] == [0, 1]).all()
+  np.testing.assert_array_equal(np.asarray(capped.length), 2)
+
+
+@pytest.mark.parametrize("sink_tokens", [-1, 1.5, True, "2"])
+def test_bad_sink_tokens_are_refused(sink_tokens):
+  with pytest.raises(ConfigError, match="sink_tokens"):
+    GateConfig(sink_tokens=sink_tokens)
+
+
 def test_packing_marks_each_segments_context():
   doc = lambda n, ctx: (np.arange(1, n + 1, dtype=np.int32), 0, None, ctx)
   row = packing.build_row([doc(6, 4), doc(5, 0), doc(4, 3)], seq_len=20, pad_id=0)

@@ -15,8 +15,8 @@ from ag_jax import engine, policies
 from test_engine import LENGTHS, STEPS, half_evicting, sequences
 
 
-def make_world(cfg, window):
-  gate = ag_jax.GateConfig(num_heads=2, head_dim=8, window=window)
+def make_world(cfg, window, sink_tokens=0):
+  gate = ag_jax.GateConfig(num_heads=2, head_dim=8, window=window, sink_tokens=sink_tokens)
   model = ag_jax.Llama(cfg, gate=gate)
   variables = half_evicting(model, seed=4)
   prompts, continuation, joined = sequences(cfg.vocab_size, seed=4)
@@ -24,9 +24,10 @@ def make_world(cfg, window):
   return model, variables, prompts, continuation, np.asarray(train_logits), np.asarray(flags)
 
 
-@pytest.fixture(scope="module", params=[None, 4], ids=["gate_whole_context", "gate_window_4"])
+@pytest.fixture(scope="module", params=[(None, 0), (4, 2)],
+                ids=["gate_whole_context", "gate_window_4_sinks_2"])
 def world(request, tiny_cfg):
-  return make_world(tiny_cfg, request.param)
+  return make_world(tiny_cfg, *request.param)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,8 @@ def test_chunked_gate_prefill_equals_one_shot_and_training_view(world, chunk):
   assert logits.shape == one_logits.shape
   assert kept(cache) == kept(one)
   assert 0.2 < np.asarray(cache.length).sum() / (LENGTHS.sum() * 4) < 0.8  # it evicts
+  sinks = list(range(model.gate.sink_tokens))
+  assert all(row[:len(sinks)] == sinks for row in kept(cache).values())
   for name in ("k", "v", "gate_k", "gate_v"):  # kept slots (and the whole gate ring) agree
     a, b = np.asarray(getattr(cache, name)), np.asarray(getattr(one, name))
     if name in ("k", "v"):

@@ -37,9 +37,11 @@ def sequences(vocab, seed=0):
   return prompts, continuation, joined
 
 
-@pytest.fixture(scope="module", params=[None, 4], ids=["gate_whole_context", "gate_window_4"])
+@pytest.fixture(scope="module", params=[(None, 0), (4, 1)],
+                ids=["gate_whole_context", "gate_window_4_sink_1"])
 def world(request, tiny_cfg):
-  gate = ag_jax.GateConfig(num_heads=2, head_dim=8, window=request.param)
+  window, sink_tokens = request.param
+  gate = ag_jax.GateConfig(num_heads=2, head_dim=8, window=window, sink_tokens=sink_tokens)
   model = ag_jax.Llama(tiny_cfg, gate=gate)
   variables = half_evicting(model)
   prompts, continuation, joined = sequences(tiny_cfg.vocab_size)
@@ -81,6 +83,9 @@ def test_prefill_decode_equals_training_view(world, backend):
   for l, b, k in [(0, 0, 0), (1, 2, 1)]:
     expected = np.nonzero(flags[l, b, k, :LENGTHS[b] + STEPS])[0]
     np.testing.assert_array_equal(position[l, b, k, :length[l, b, k]], expected)
+  if model.gate.sink_tokens:  # the sink is in every view, and in every row of the cache
+    assert flags[..., 0].all()
+    assert (position[..., 0] == 0).all()
 
 
 def test_without_eviction_the_flags_matter(world):
