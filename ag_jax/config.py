@@ -150,9 +150,9 @@ class GateConfig:
   train_budgets: tuple[float, ...] | None = None
   # Attention sinks: the first `sink_tokens` positions of a sequence keep probability 1, so
   # every view keeps them in every (layer, KV head) row and ranks them first under a budget.
-  # Softmax attention parks mass on the first token; a gate that evicts it under a tight
-  # budget changes every later attention pattern (StreamingLLM's observation). 0: the gates
-  # decide every token (the paper, and every export written before this field).
+  # Softmax attention parks its spare mass on the first token (StreamingLLM's attention
+  # sinks); a gate that evicts it under a tight budget sends that mass elsewhere. 0: the
+  # gates decide every token (the paper, and every export written before this field).
   sink_tokens: int = 0
 
   def __post_init__(self):
