@@ -12,7 +12,7 @@ import ag_jax
 from ag_jax import capacity_view, policies
 from ag_jax.config import ConfigError, GateConfig
 from ag_jax.data import DataIterator, packing
-from test_engine import LENGTHS, STEPS, half_evicting, sequences
+from test_engine import LENGTHS, STEPS, half_evicting, run_cache, sequences
 
 
 def capped_reference(prob, flags, positions, segments, context_length, capacity):
@@ -170,12 +170,7 @@ def test_sinks_are_kept_first_in_every_view(tiny_cfg):
     view, (probs, flags) = model.apply(variables, jnp.asarray(joined), return_gates=True)
     _, (_, plain_flags) = ag_jax.Llama(tiny_cfg, gate=GateConfig(kind="linear")).apply(
         variables, jnp.asarray(joined), return_gates=True)
-    logits, cache = ag_jax.prefill(model, variables, prompts, LENGTHS, max_new_tokens=STEPS,
-                                   all_logits=True)
-    steps = []
-    for j in range(STEPS):
-      step_logits, cache = ag_jax.decode_step(model, variables, cache, continuation[:, j])
-      steps.append(np.asarray(step_logits))
+    (logits, *steps), cache = run_cache(model, variables, prompts, continuation, backend=None)
     _, capped = ag_jax.prefill(model, variables, prompts, LENGTHS, capacity=2, reserve=STEPS)
   probs, flags, view = np.asarray(probs), np.asarray(flags), np.asarray(view)
   assert (probs[..., :sinks] == 1.0).all() and flags[..., :sinks].all()
