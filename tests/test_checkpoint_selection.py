@@ -102,6 +102,22 @@ def test_the_export_is_the_chosen_checkpoint(gate_run, selected):
   jax.tree.map(np.testing.assert_array_equal, chosen, exported)
 
 
+def test_a_chosen_average_is_exported_and_recorded(gate_run, monkeypatch, tmp_path):
+  # Whether the average wins on two examples is up to the scores; force the choice so the
+  # export of the averaged gates is checked whatever they are.
+  monkeypatch.setattr(selection, "choose", lambda scored: next(r for r in scored
+                                                               if r["step"] is None))
+  out = str(tmp_path / "gates")
+  assert selection.main([gate_run, *ARGS, "--steps", "2", "--average", "1,2", "--out", out]) == 0
+  sel = json.loads((tmp_path / "gates" / "selection.json").read_text())
+  assert sel["chosen_step"] is None and sel["chosen_average_of"] == [1, 2]
+  checkpointer = TrainCheckpointer(os.path.join(gate_run, "checkpoints"), 0, 5, async_save=False)
+  mean = _mean_of_two(checkpointer.restore_trainable(1)[0], checkpointer.restore_trainable(2)[0])
+  checkpointer.close()
+  _, exported = ag_jax.load_gates(out)
+  jax.tree.map(np.testing.assert_array_equal, mean, exported)
+
+
 def test_the_average_scores_as_the_evaluation_cli_scores_the_mean_gates(gate_run, selected,
                                                                         tmp_path):
   _, sel = selected

@@ -104,17 +104,22 @@ def score_steps(checkpointer, steps: Sequence[int], model_dir: str | None, *,
     return {"cells": cells, "mean_accuracy": float(np.mean(list(cells.values()))),
             "kept": float(np.mean([r["kept"] for r in rows]))}
 
-  scored, gates = [], {steps[0]: gate_params}
+  gates = {steps[0]: gate_params}
+
+  def restore(step: int) -> dict:  # each checkpoint is read once, whichever list names it
+    if step not in gates:
+      gates[step] = checkpointer.restore_trainable(step)[0]
+    return gates[step]
+
+  scored = []
   for step in steps:
-    gates.setdefault(step, checkpointer.restore_trainable(step)[0])
+    restore(step)
     scored.append({"step": int(step), **score(gates[step])})
     if log:
       log(f"step {step}: mean accuracy {scored[-1]['mean_accuracy']:.4f}")
   run = {"train_config": cfg, "model_config": model_cfg, "gates": gates}
   if average:
-    for step in average:
-      gates.setdefault(step, checkpointer.restore_trainable(step)[0])
-    run["average"] = average_params([gates[s] for s in average])
+    run["average"] = average_params([restore(s) for s in average])
     scored.append({"step": None, "average_of": [int(s) for s in average],
                    **score(run["average"])})
     if log:
