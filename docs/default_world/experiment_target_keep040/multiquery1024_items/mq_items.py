@@ -8,6 +8,7 @@ import jax, jax.numpy as jnp
 from ag_jax.batch_decode import load_model
 from ag_jax.data import ruler
 from ag_jax.evaluation.ruler_eval import encode_example, score_protocol
+from ag_jax.evaluation.needle_probe import value_span
 from ag_jax.evaluation.sweep import parse_policy
 
 gates_dir, length, n, budget, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
@@ -18,9 +19,7 @@ cfg = ruler.RulerConfig(task="niah_multiquery", length=length)
 exs = [ruler.generate_example(cfg, tok, "test", i) for i in range(n)]
 enc = [encode_example(tok, e) for e in exs]
 res = {}
-for name, pol, b in (("full", None, None), ("ag", parse_policy("ag"), budget)):
-  if name == "full":
-    pol = parse_policy("full")
+for name, pol, b in (("full", parse_policy("full"), None), ("ag", parse_policy("ag"), budget)):
   _, greedy, _ = score_protocol(model, variables, [e[0] for e in enc], [e[1] for e in enc],
                                 policy=pol, budget=b, pad_id=tok.pad_id)
   res[name] = [[bool(g[a:bb].all()) for a, bb in spans] for g, (_, _, spans) in zip(greedy, enc)]
@@ -30,11 +29,9 @@ for i, (e, (ctx, _, _)) in enumerate(zip(exs, enc)):
   padded = np.full((1, length + 8), tok.pad_id, np.int32); padded[0, :len(ctx)] = ctx
   probs, flags = gates(jnp.asarray(padded))
   for j, a in enumerate(e["asked"]):
+    v0, v1 = value_span(tok, {**e, "asked": [a]})  # the value's token span
     line = ruler.niah_line(e["needle_keys"][a], e["needle_values"][a])
-    c = e["context"]; s = c.index(line)
-    vs = s + line.index(e["needle_values"][a])
-    cnt = lambda end: len(tok.encode(c[:end], add_bos=True))
-    p0, v0, v1 = cnt(s), cnt(vs), cnt(vs + len(e["needle_values"][a]))
+    p0 = len(tok.encode(e["context"][:e["context"].index(line)]))  # the line's first token
     kept = np.asarray(flags[:, 0, :, v0:v1]).all(-1)  # [L, K]
     keyk = np.asarray(flags[:, 0, :, p0:v0]).mean(-1)  # [L, K] share of line-before-value tokens kept
     rows.append({"ex": i, "item": j, "pos": v0, "len": len(ctx), "full": res["full"][i][j],
