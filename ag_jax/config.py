@@ -143,6 +143,13 @@ class GateConfig:
   target_keep: float = 0.5        # rho
   eviction_weight: float = 1.0    # lambda
   eviction_loss: str = "hinge"
+  # Distillation to the full cache: the weight of KL(the frozen base's next-token
+  # distribution without eviction || the gated view's) on the LM loss's positions, weighted
+  # as the LM loss weighs them (answers by data.response_weight). The answers' cross entropy
+  # alone scores only the one right token; the KL asks every position to predict what the
+  # full cache predicts, so a token the full cache leans on is worth keeping even where the
+  # answer survives without it. 0: off (the paper). Training only; needs run.trainable=gates.
+  distill_weight: float = 0.0
   # Budget-aware training (ag_jax.capacity_view): each training row draws one of these
   # budgets, and the queries after a context see only its top max(1, int(n x budget))
   # flagged tokens by keep probability, as the kvpress protocol's cache keeps them.
@@ -180,6 +187,9 @@ class GateConfig:
       raise ConfigError(f"GateConfig.sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
     if self.eviction_weight < 0:
       raise ConfigError(f"GateConfig.eviction_weight must be >= 0, got {self.eviction_weight}")
+    if isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, (int, float)) \
+        or not self.distill_weight >= 0:
+      raise ConfigError(f"GateConfig.distill_weight must be a number >= 0, got {self.distill_weight!r}")
     if self.train_budgets is not None and (
         not self.train_budgets or isinstance(self.train_budgets, (str, bytes))
         or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 < b <= 1.0

@@ -1,4 +1,5 @@
-"""Training losses and gate statistics (DESIGN §1): `L = L_LM + lambda * L_evict`.
+"""Training losses and gate statistics (DESIGN §1): `L = L_LM + lambda * L_evict`, plus
+`mu * KL(full cache || gated view)` when `GateConfig.distill_weight` (mu) is set.
 
 Letters: L layers, B batch, K KV heads, T time, V vocab. Everything is computed in fp32.
 `valid` marks real tokens (packed segments, not padding): padding has no KV entry to keep
@@ -6,8 +7,6 @@ or evict, so it never enters a keep ratio or the eviction loss.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +35,25 @@ def lm_loss(logits: jnp.ndarray, targets: jnp.ndarray,
 DEFAULT_LOSS_CHUNK_TOKENS = 1024  # tokens (batch x positions) per chunk of the chunked LM loss
 
 
+def _sum_over_chunks(per_chunk, arrays: tuple, chunk: int | None) -> jnp.ndarray:
+  """sum over chunks of `per_chunk(*chunk_arrays)`; arrays [B, T, ...] are cut along T into
+  chunks of `chunk` positions (default DEFAULT_LOSS_CHUNK_TOKENS // B), the last one
+  zero-padded (a padded position must have a zero mask in per_chunk's arguments). Each chunk
+  runs under `jax.checkpoint`: the backward pass recomputes one chunk's temporaries at a
+  time, so no [B, T, V] array exists in either pass."""
+  b, t = arrays[0].shape[:2]
+  chunk = max(1, DEFAULT_LOSS_CHUNK_TOKENS // b) if chunk is None else int(chunk)
+  chunk = min(chunk, t)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    arrays = tuple(jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) for x in arrays)
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # [n, B, C, ...]
+  body = jax.checkpoint(lambda args: per_chunk(*args), prevent_cse=False,
+                        policy=jax.checkpoint_policies.nothing_saveable)
+  return jnp.sum(jax.lax.map(body, tuple(split(x) for x in arrays)))
+
+
 def lm_loss_chunked(hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.ndarray,
                     loss_mask: jnp.ndarray, chunk: int | None = None
                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -49,33 +67,45 @@ def lm_loss_chunked(hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.ndarray
   backward pass recomputes one chunk's logits at a time, so forward and backward hold
   O(B x chunk x V), never [B, T, V]. Returns (mean loss, token count) like `lm_loss`.
   """
-  b, t, e = hidden.shape
-  chunk = max(1, DEFAULT_LOSS_CHUNK_TOKENS // b) if chunk is None else int(chunk)
-  chunk = min(chunk, t)
-  n = -(-t // chunk)
-  pad = n * chunk - t
   mask = loss_mask.astype(jnp.float32)
-  targets = targets.astype(jnp.int32)
-  if pad:
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    mask = jnp.pad(mask, ((0, 0), (0, pad)))
-  split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # [n, B, C, ...]
   head = head.astype(hidden.dtype)
 
-  @functools.partial(jax.checkpoint, prevent_cse=False,
-                     policy=jax.checkpoint_policies.nothing_saveable)
-  def chunk_nll(args):
-    h, tgt, m = args  # [B, C, E], [B, C], [B, C]
+  def chunk_nll(h, tgt, m):  # [B, C, E], [B, C], [B, C]
     logits = jnp.einsum("BCE,EV->BCV", h, head, preferred_element_type=jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
     target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]  # [B, C]
     # where, not a product: a masked position's logits may be anything (even inf)
     return jnp.sum(jnp.where(m > 0, (log_z - target_logit) * m, 0.0))
 
-  total = jnp.sum(jax.lax.map(chunk_nll, (split(hidden), split(targets), split(mask))))
+  total = _sum_over_chunks(chunk_nll, (hidden, targets.astype(jnp.int32), mask), chunk)
   count = jnp.sum(mask)
   return total / jnp.maximum(count, 1.0), count
+
+
+def distill_kl_chunked(hidden: jnp.ndarray, teacher_hidden: jnp.ndarray, head: jnp.ndarray,
+                       loss_mask: jnp.ndarray, chunk: int | None = None) -> jnp.ndarray:
+  """Weighted mean over positions of KL(teacher || student) between the next-token
+  distributions softmax(teacher_hidden @ head) and softmax(hidden @ head), fp32.
+
+  hidden, teacher_hidden [B, T, E] (after the final norm; the teacher's carries no gradient:
+  it is the frozen base without eviction, `GateConfig.distill_weight`); head [E, V];
+  loss_mask [B, T] weights, as `lm_loss` takes them. Chunked like `lm_loss_chunked`: never
+  [B, T, V]. An all-masked batch gives 0.
+  """
+  mask = loss_mask.astype(jnp.float32)
+  head = head.astype(hidden.dtype)
+  teacher_hidden = jax.lax.stop_gradient(teacher_hidden.astype(hidden.dtype))
+
+  def chunk_kl(h, th, m):  # [B, C, E], [B, C, E], [B, C]
+    log_q = jax.nn.log_softmax(
+        jnp.einsum("BCE,EV->BCV", h, head, preferred_element_type=jnp.float32), axis=-1)
+    log_p = jax.nn.log_softmax(
+        jnp.einsum("BCE,EV->BCV", th, head, preferred_element_type=jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # [B, C]
+    return jnp.sum(jnp.where(m > 0, kl * m, 0.0))
+
+  total = _sum_over_chunks(chunk_kl, (hidden, teacher_hidden, mask), chunk)
+  return total / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def layer_mean_prob(probs: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:

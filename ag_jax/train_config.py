@@ -135,6 +135,9 @@ def validate(cfg: TrainConfig) -> None:
   _checked_ints(cfg)
   if cfg.run.trainable not in TRAINABLE:
     raise ConfigError(f"run.trainable must be one of {TRAINABLE}, got {cfg.run.trainable!r}")
+  if cfg.run.trainable == "all" and cfg.gate is not None and cfg.gate.distill_weight:
+    raise ConfigError("gate.distill_weight distils the frozen base without eviction into the "
+                      "gated view: it needs run.trainable=gates (or set gate.distill_weight=0)")
   if cfg.run.trainable == "gates" and cfg.gate is None:
     raise ConfigError("run.trainable=gates needs a gate: set gate (e.g. gate.target_keep=0.5) "
                       "or train the base model with run.trainable=all")

@@ -115,6 +115,11 @@ def make_loss_fn(model: Llama, trainable: str, loss_chunk: int | None = None,
   """
   gate_cfg = model.gate
   budget_aware = gate_cfg is not None and gate_cfg.train_budgets is not None
+  distill = gate_cfg is not None and gate_cfg.distill_weight > 0
+  if distill and trainable != "gates":
+    raise ValueError("gate.distill_weight needs trainable='gates': the teacher is the frozen base")
+  # The teacher: the same frozen base with no gate, so nothing is evicted (the full cache).
+  teacher = Llama(model.cfg, gate=None, remat=model.remat) if distill else None
 
   def loss_fn(trainable_params, frozen, batch):
     params = merge_params(trainable_params, frozen, trainable)
@@ -129,10 +134,17 @@ def make_loss_fn(model: Llama, trainable: str, loss_chunk: int | None = None,
                                        loss_chunk)
     metrics = {"lm_loss": lm, "tokens": count}
     loss = lm
+    if distill:
+      teacher_hidden, _, _ = teacher.apply(  # [B, T, E]; `frozen` is the base without gates
+          {"params": frozen}, batch["tokens"], batch["positions"], batch["segment_ids"], backend,
+          method=training_forward)
+      kl = losses.distill_kl_chunked(hidden, teacher_hidden, head, batch["loss_mask"], loss_chunk)
+      loss = loss + gate_cfg.distill_weight * kl
+      metrics["distill_kl"] = kl
     if gate_cfg is not None:
       valid = batch["segment_ids"] > 0  # [B, T]: real tokens, not padding
       evict = losses.eviction_loss(probs, valid, gate_cfg)
-      loss = lm + gate_cfg.eviction_weight * evict
+      loss = loss + gate_cfg.eviction_weight * evict
       metrics["evict_loss"] = evict
       metrics.update(losses.keep_stats(probs, flags, valid))
     metrics["loss"] = loss

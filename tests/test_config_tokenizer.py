@@ -68,6 +68,8 @@ def test_model_config_validation_names_the_field(field, value, message):
     ("kind", "mlp", "kind must be one of"),
     ("eviction_loss", "l1", "eviction_loss must be one of"),
     ("window", 0, "window must be a positive integer"),
+    ("distill_weight", -1.0, "distill_weight must be a number >= 0"),
+    ("distill_weight", "1", "distill_weight must be a number >= 0"),
 ])
 def test_gate_config_validation(field, value, message):
   with pytest.raises(ConfigError, match=message):

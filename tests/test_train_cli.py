@@ -25,6 +25,7 @@ def _cases(tmp):
       "unknown_nested_key": ["--config", RECIPE, "model.overrides.dimm=3"],
       "target_keep": ["--config", RECIPE, "gate.target_keep=1.5"],
       "seq_len": ["--config", RECIPE, "data.seq_len=2048"],
+      "distill_all": ["--config", RECIPE, "run.trainable=all", "gate.distill_weight=1"],
       "missing_data": ["--config", RECIPE, "data.source=no_such_corpus",
                        f"data.data_dir={tmp}/tfds", f"run.out_dir={tmp}/missing_data"],
       "base_mismatch": ["--config", RECIPE, f"model.hf_path={tmp}/small_base",
@@ -83,6 +84,11 @@ def test_unknown_key_lists_the_valid_ones(results):
 
 def test_target_keep_out_of_range(results):
   assert "target_keep must be in (0, 1], got 1.5" in _error(results, "target_keep")
+
+
+def test_distillation_needs_a_frozen_base(results):
+  message = _error(results, "distill_all")
+  assert "gate.distill_weight" in message and "run.trainable=gates" in message
 
 
 def test_seq_len_beyond_max_position(results):

@@ -1,0 +1,104 @@
+"""Distillation to the full cache (`GateConfig.distill_weight`): the chunked KL against a
+numpy statement, and the training loss's KL term against the KL between the logits of the
+gated model and of the same base with no gate (nothing evicted), both from `Llama.apply`."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ag_jax
+from ag_jax import losses
+from ag_jax import train_step as step_lib
+from conftest import spread_variables
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _numpy_kl(teacher_logits, student_logits, mask) -> float:
+  """sum_t w_t KL(softmax(teacher_t) || softmax(student_t)) / sum_t w_t, in float64."""
+  log_p = _log_softmax(np.asarray(teacher_logits, np.float64))
+  log_q = _log_softmax(np.asarray(student_logits, np.float64))
+  kl = np.sum(np.exp(log_p) * (log_p - log_q), -1)  # [B, T]
+  m = np.asarray(mask, np.float64)
+  return float(np.sum(kl * m) / max(m.sum(), 1.0))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 12, None])  # T = 12
+def test_chunked_kl_matches_numpy_and_the_teacher_gets_no_gradient(chunk):
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(2, 12, 6)), jnp.float32)
+  teacher = jnp.asarray(rng.normal(size=(2, 12, 6)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(6, 11)), jnp.float32)
+  mask = jnp.asarray(rng.uniform(size=(2, 12)) * 3 * (rng.uniform(size=(2, 12)) > 0.3), jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    kl, grads = jax.value_and_grad(losses.distill_kl_chunked, argnums=(0, 1))(
+        hidden, teacher, head, mask, chunk)
+  want = _numpy_kl(np.asarray(teacher) @ np.asarray(head), np.asarray(hidden) @ np.asarray(head),
+                   mask)
+  assert want > 0.1
+  np.testing.assert_allclose(float(kl), want, rtol=1e-5)
+  assert float(jnp.max(jnp.abs(grads[0]))) > 0 and float(jnp.max(jnp.abs(grads[1]))) == 0.0
+  assert float(jnp.max(jnp.abs(grads[0] * (mask == 0)[..., None]))) == 0.0  # masked: no push
+  zero = losses.distill_kl_chunked(hidden, teacher, head, jnp.zeros_like(mask), chunk)
+  assert float(zero) == 0.0
+  same = losses.distill_kl_chunked(hidden, hidden, head, mask, chunk)
+  assert abs(float(same)) < 1e-6
+
+
+def _batch(b=2, t=13, vocab=64, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
+  seg = np.ones((b, t), np.int32)
+  seg[1, 9:] = 0  # padding at the end of row 1
+  mask = np.where(rng.uniform(size=(b, t)) > 0.5, 10.0, 1.0) * (seg > 0)  # answers weigh 10
+  return dict(tokens=tokens, targets=jnp.roll(tokens, -1, 1),
+              positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+              segment_ids=jnp.asarray(seg), loss_mask=jnp.asarray(mask, jnp.float32))
+
+
+@pytest.mark.parametrize("init_keep_prob", [0.5, 0.95])
+def test_loss_adds_the_kl_to_the_base_without_eviction(tiny_cfg, init_keep_prob):
+  """The loss with distill_weight mu is the loss without it + mu x KL(no-gate logits ||
+  gated logits); the gradient of that term reaches the gates when tokens are evicted, and
+  vanishes when every flag keeps (the gated view is then the full cache)."""
+  gate = ag_jax.GateConfig(num_heads=2, head_dim=8, init_keep_prob=init_keep_prob, window=None)
+  mu = 0.7
+  model = ag_jax.Llama(tiny_cfg, gate=dataclasses.replace(gate, distill_weight=mu))
+  plain = ag_jax.Llama(tiny_cfg, gate=gate)
+  params = spread_variables(model, seed=3)["params"]
+  batch = _batch()
+  trainable, frozen = step_lib.split_params(params, "gates")
+  with jax.default_matmul_precision("highest"):
+    student, (_, flags) = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                                      batch["segment_ids"], return_gates=True)
+    teacher = ag_jax.Llama(tiny_cfg).apply({"params": frozen}, batch["tokens"],
+                                           batch["positions"], batch["segment_ids"])
+    (got, metrics), got_g = jax.value_and_grad(step_lib.make_loss_fn(model, "gates", 5),
+                                               has_aux=True)(trainable, frozen, batch)
+    (base, _), base_g = jax.value_and_grad(step_lib.make_loss_fn(plain, "gates", 5),
+                                           has_aux=True)(trainable, frozen, batch)
+  want_kl = _numpy_kl(teacher, student, batch["loss_mask"])
+  np.testing.assert_allclose(float(metrics["distill_kl"]), want_kl, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(float(got), float(base) + mu * want_kl, rtol=1e-5)
+  valid = np.asarray(batch["segment_ids"] > 0)[None, :, None, :]
+  kl_grad = max(float(jnp.max(jnp.abs(g - b)))
+                for g, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(base_g)))
+  if init_keep_prob == 0.95:  # every flag keeps: the student is the teacher
+    assert np.asarray(flags)[np.broadcast_to(valid, flags.shape)].all()
+    assert want_kl < 1e-9 and kl_grad < 1e-6
+  else:
+    assert not np.asarray(flags)[np.broadcast_to(valid, flags.shape)].all()
+    assert want_kl > 1e-3 and kl_grad > 1e-4
+
+
+def test_distillation_refuses_a_trained_teacher(tiny_cfg):
+  model = ag_jax.Llama(tiny_cfg, gate=ag_jax.GateConfig(num_heads=2, head_dim=8,
+                                                         distill_weight=1.0))
+  with pytest.raises(ValueError, match="trainable='gates'"):
+    step_lib.make_loss_fn(model, "all")
