@@ -111,7 +111,9 @@ def make_loss_fn(model: Llama, trainable: str, loss_chunk: int | None = None,
   """(trainable params, frozen params, batch) -> (loss, metrics).
 
   The LM loss is taken over `loss_chunk` positions at a time (`losses.lm_loss_chunked`):
-  whole [B, T, V] logits exist neither in the forward nor in the backward pass.
+  whole [B, T, V] logits exist neither in the forward nor in the backward pass. With
+  `gate.distill_weight`, the frozen base run with no gate (nothing evicted) is the teacher
+  of a KL term, chunked the same way (`losses.distill_kl_chunked`).
   """
   gate_cfg = model.gate
   budget_aware = gate_cfg is not None and gate_cfg.train_budgets is not None
