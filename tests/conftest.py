@@ -55,6 +55,21 @@ def spread_variables(model, seed: int = 0, scale: float = 0.3) -> dict:
   return jax.tree_util.tree_map_with_path(spread, variables)
 
 
+def token_batch(b: int = 2, t: int = 13, vocab: int = 64, seed: int = 0) -> dict:
+  """A training batch of random tokens for `train_step.make_loss_fn`: row 1 padded from
+  position 9 on, ~80% of the real positions in the loss (weight 1)."""
+  import numpy as np
+  import jax.numpy as jnp
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
+  seg = np.ones((b, t), np.int32)
+  seg[1, 9:] = 0  # padding at the end of row 1
+  mask = (rng.uniform(size=(b, t)) > 0.2) & (seg > 0)
+  return dict(tokens=tokens, targets=jnp.roll(tokens, -1, 1),
+              positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+              segment_ids=jnp.asarray(seg), loss_mask=jnp.asarray(mask, jnp.float32))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_compile_caches():
   """Drop every compiled program after each test module. One process compiling ~500 tests'

@@ -12,7 +12,7 @@ import pytest
 import ag_jax
 from ag_jax import losses
 from ag_jax import train_step as step_lib
-from conftest import spread_variables
+from conftest import spread_variables, token_batch
 
 
 def _log_softmax(x):
@@ -51,15 +51,11 @@ def test_chunked_kl_matches_numpy_and_the_teacher_gets_no_gradient(chunk):
   assert abs(float(same)) < 1e-6
 
 
-def _batch(b=2, t=13, vocab=64, seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
-  seg = np.ones((b, t), np.int32)
-  seg[1, 9:] = 0  # padding at the end of row 1
-  mask = np.where(rng.uniform(size=(b, t)) > 0.5, 10.0, 1.0) * (seg > 0)  # answers weigh 10
-  return dict(tokens=tokens, targets=jnp.roll(tokens, -1, 1),
-              positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-              segment_ids=jnp.asarray(seg), loss_mask=jnp.asarray(mask, jnp.float32))
+def _weighted_batch():
+  batch = token_batch()
+  answers = np.arange(batch["tokens"].shape[1]) % 3 == 0  # every third position weighs 10
+  batch["loss_mask"] = batch["loss_mask"] * jnp.where(answers, 10.0, 1.0)
+  return batch
 
 
 @pytest.mark.parametrize("init_keep_prob", [0.5, 0.95])
@@ -72,7 +68,7 @@ def test_loss_adds_the_kl_to_the_base_without_eviction(tiny_cfg, init_keep_prob)
   model = ag_jax.Llama(tiny_cfg, gate=dataclasses.replace(gate, distill_weight=mu))
   plain = ag_jax.Llama(tiny_cfg, gate=gate)
   params = spread_variables(model, seed=3)["params"]
-  batch = _batch()
+  batch = _weighted_batch()
   trainable, frozen = step_lib.split_params(params, "gates")
   with jax.default_matmul_precision("highest"):
     student, (_, flags) = model.apply({"params": params}, batch["tokens"], batch["positions"],

@@ -13,6 +13,7 @@ import pytest
 import ag_jax
 from ag_jax import losses
 from ag_jax import train_step as step_lib
+from conftest import token_batch
 
 
 def _case(seed=0, b=2, t=12, e=6, v=11):
@@ -77,17 +78,6 @@ def test_chunked_backward_never_holds_whole_logits():
   assert temp < b * t * v * 4 / 4, temp
 
 
-def _model_batch(b=2, t=13, vocab=64, seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
-  seg = np.ones((b, t), np.int32)
-  seg[1, 9:] = 0  # padding at the end of row 1
-  mask = (rng.uniform(size=(b, t)) > 0.2) & (seg > 0)
-  return dict(tokens=tokens, targets=jnp.roll(tokens, -1, 1),
-              positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-              segment_ids=jnp.asarray(seg), loss_mask=jnp.asarray(mask, jnp.float32))
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_train_loss_fn_equals_dense_logits_loss_and_gate_gradients(tiny_cfg, tiny_gate, tie):
   """make_loss_fn (chunked, via training_forward) against the model's own logits (`apply`)
@@ -96,7 +86,7 @@ def test_train_loss_fn_equals_dense_logits_loss_and_gate_gradients(tiny_cfg, tin
   cfg = dataclasses.replace(tiny_cfg, tie_embeddings=tie)
   model = ag_jax.Llama(cfg, gate=tiny_gate)
   params = ag_jax.init_variables(model, jax.random.key(1))["params"]
-  batch = _model_batch()
+  batch = token_batch()
 
   def dense_loss(trainable_params, frozen, kind):
     p = step_lib.merge_params(trainable_params, frozen, kind)
