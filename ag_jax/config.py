@@ -150,6 +150,11 @@ class GateConfig:
   # full cache predicts, so a token the full cache leans on is worth keeping even where the
   # answer survives without it. 0: off (the paper). Training only; needs run.trainable=gates.
   distill_weight: float = 0.0
+  # With gate.train_budgets: whether the KL also covers the rows drawn under a budget.
+  # false: only rows with no capacity (budget 1, plain text) distil, where the flags alone
+  # decide what stays; the capped rows keep the answers' cross entropy alone, which trains
+  # the ranking under a capacity (the KL lifts haystack tokens in that ranking).
+  distill_under_budget: bool = True
   # Budget-aware training (ag_jax.capacity_view): each training row draws one of these
   # budgets, and the queries after a context see only its top max(1, int(n x budget))
   # flagged tokens by keep probability, as the kvpress protocol's cache keeps them.
@@ -190,12 +195,19 @@ class GateConfig:
     if isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, (int, float)) \
         or not self.distill_weight >= 0:
       raise ConfigError(f"GateConfig.distill_weight must be a number >= 0, got {self.distill_weight!r}")
+    if not isinstance(self.distill_under_budget, bool):
+      raise ConfigError(f"GateConfig.distill_under_budget must be true or false, got "
+                        f"{self.distill_under_budget!r}")
     if self.train_budgets is not None and (
         not self.train_budgets or isinstance(self.train_budgets, (str, bytes))
         or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 < b <= 1.0
                    for b in self.train_budgets)):
       raise ConfigError(f"GateConfig.train_budgets must be a non-empty list of budgets in "
                         f"(0, 1] (e.g. [0.125, 0.25, 0.5]) or null, got {self.train_budgets!r}")
+    if not self.distill_under_budget and (not self.distill_weight or self.train_budgets is None):
+      raise ConfigError("GateConfig.distill_under_budget=false restricts the distillation KL to "
+                        "the rows with no budget: it needs gate.distill_weight > 0 and "
+                        "gate.train_budgets (or leave it true)")
 
   @property
   def kv_heads(self) -> int:

@@ -113,7 +113,8 @@ def make_loss_fn(model: Llama, trainable: str, loss_chunk: int | None = None,
   The LM loss is taken over `loss_chunk` positions at a time (`losses.lm_loss_chunked`):
   whole [B, T, V] logits exist neither in the forward nor in the backward pass. With
   `gate.distill_weight`, the frozen base run with no gate (nothing evicted) is the teacher
-  of a KL term, chunked the same way (`losses.distill_kl_chunked`).
+  of a KL term, chunked the same way (`losses.distill_kl_chunked`): on every position or,
+  with `gate.distill_under_budget` false, on those that train with no capacity.
   """
   gate_cfg = model.gate
   budget_aware = gate_cfg is not None and gate_cfg.train_budgets is not None
@@ -140,7 +141,11 @@ def make_loss_fn(model: Llama, trainable: str, loss_chunk: int | None = None,
       teacher_hidden, _, _ = teacher.apply(  # [B, T, E]; `frozen` is the base without gates
           {"params": frozen}, batch["tokens"], batch["positions"], batch["segment_ids"], backend,
           method=training_forward)
-      kl = losses.distill_kl_chunked(hidden, teacher_hidden, head, batch["loss_mask"], loss_chunk)
+      distill_mask = batch["loss_mask"]  # [B, T]
+      if budget_aware and not gate_cfg.distill_under_budget:
+        # only the positions with no capacity, where the flags alone decide what stays
+        distill_mask = distill_mask * (batch["context_capacity"] == 0)
+      kl = losses.distill_kl_chunked(hidden, teacher_hidden, head, distill_mask, loss_chunk)
       loss = loss + gate_cfg.distill_weight * kl
       metrics["distill_kl"] = kl
     if gate_cfg is not None:

@@ -70,6 +70,8 @@ def test_model_config_validation_names_the_field(field, value, message):
     ("window", 0, "window must be a positive integer"),
     ("distill_weight", -1.0, "distill_weight must be a number >= 0"),
     ("distill_weight", "1", "distill_weight must be a number >= 0"),
+    ("distill_under_budget", "no", "distill_under_budget must be true or false"),
+    ("distill_under_budget", False, "needs gate.distill_weight > 0 and gate.train_budgets"),
 ])
 def test_gate_config_validation(field, value, message):
   with pytest.raises(ConfigError, match=message):

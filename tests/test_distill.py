@@ -93,6 +93,38 @@ def test_loss_adds_the_kl_to_the_base_without_eviction(tiny_cfg, init_keep_prob)
     assert want_kl > 1e-3 and kl_grad > 1e-4
 
 
+def test_distillation_off_budget_covers_only_the_rows_with_no_capacity(tiny_cfg):
+  """gate.distill_under_budget=false: the KL is taken on the positions that train with no
+  capacity (row 1 here, budget 1 drawn), where the view is the plain gated one; the row
+  under a capacity (row 0) adds none. With it true, row 0 counts too."""
+  gate = ag_jax.GateConfig(num_heads=2, head_dim=8, init_keep_prob=0.5, window=None,
+                           train_budgets=(0.25, 1.0))
+  mu = 0.7
+  only = ag_jax.Llama(tiny_cfg, gate=dataclasses.replace(gate, distill_weight=mu,
+                                                           distill_under_budget=False))
+  every = ag_jax.Llama(tiny_cfg, gate=dataclasses.replace(gate, distill_weight=mu))
+  params = spread_variables(only, seed=3)["params"]
+  batch = _weighted_batch()
+  batch["context_length"] = jnp.full(batch["tokens"].shape, 8, jnp.int32)
+  batch["context_capacity"] = jnp.asarray([[2], [0]], jnp.int32) * jnp.ones_like(
+      batch["context_length"])  # row 0: 2 of its 8 context tokens; row 1: no capacity
+  trainable, frozen = step_lib.split_params(params, "gates")
+  with jax.default_matmul_precision("highest"):
+    plain_view = ag_jax.Llama(tiny_cfg, gate=gate).apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    teacher = ag_jax.Llama(tiny_cfg).apply({"params": frozen}, batch["tokens"],
+                                           batch["positions"], batch["segment_ids"])
+    _, got = step_lib.make_loss_fn(only, "gates", 5)(trainable, frozen, batch)
+    _, wider = step_lib.make_loss_fn(every, "gates", 5)(trainable, frozen, batch)
+  row_1 = batch["loss_mask"] * jnp.asarray([[0.0], [1.0]])
+  want = _numpy_kl(teacher, plain_view, row_1)
+  assert want > 1e-3
+  np.testing.assert_allclose(float(got["distill_kl"]), want, rtol=1e-4)
+  np.testing.assert_allclose(float(got["loss"]), float(got["lm_loss"]) + mu * want
+                             + gate.eviction_weight * float(got["evict_loss"]), rtol=1e-5)
+  assert abs(float(wider["distill_kl"]) - want) > 1e-4  # row 0 counts there
+
+
 def test_distillation_refuses_a_trained_teacher(tiny_cfg):
   model = ag_jax.Llama(tiny_cfg, gate=ag_jax.GateConfig(num_heads=2, head_dim=8,
                                                          distill_weight=1.0))
