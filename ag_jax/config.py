@@ -151,9 +151,11 @@ class GateConfig:
   # answer survives without it. 0: off (the paper). Training only; needs run.trainable=gates.
   distill_weight: float = 0.0
   # With gate.train_budgets: whether the KL also covers the rows drawn under a budget.
-  # false: only rows with no capacity (budget 1, plain text) distil, where the flags alone
-  # decide what stays; the capped rows keep the answers' cross entropy alone, which trains
-  # the ranking under a capacity (the KL lifts haystack tokens in that ranking).
+  # false: only the positions with no capacity (budget 1 drawn, plain text) distil, where
+  # the flags alone decide what stays; the capped rows keep the answers' cross entropy
+  # alone, which trains the ranking a capacity uses (with the KL there too, multikey lost
+  # under a budget at 1024 tokens: benchmarks/RESULTS.md, "Distillation at the shipped
+  # keep rate").
   distill_under_budget: bool = True
   # Budget-aware training (ag_jax.capacity_view): each training row draws one of these
   # budgets, and the queries after a context see only its top max(1, int(n x budget))
