@@ -142,7 +142,7 @@ def make_loss_fn(model: Llama, trainable: str, loss_chunk: int | None = None,
           {"params": frozen}, batch["tokens"], batch["positions"], batch["segment_ids"], backend,
           method=training_forward)
       distill_mask = batch["loss_mask"]  # [B, T]
-      if budget_aware and not gate_cfg.distill_under_budget:
+      if not gate_cfg.distill_under_budget:  # GateConfig refuses it without train_budgets
         # only the positions with no capacity, where the flags alone decide what stays
         distill_mask = distill_mask * (batch["context_capacity"] == 0)
       kl = losses.distill_kl_chunked(hidden, teacher_hidden, head, distill_mask, loss_chunk)
