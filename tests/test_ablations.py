@@ -24,8 +24,13 @@ def args(out):
           "--num-examples", "2", "--out", str(out)]
 
 
-def test_variants_train_and_table(tmp_path, capsys):
+def test_variants_train_and_table(tmp_path, capsys, monkeypatch):
+  written = []  # rows per write: the table after each variant, so a stopped run leaves one
+  write = ablations.write
+  monkeypatch.setattr(ablations, "write", lambda rows, out: written.append(len(rows)) or
+                      write(rows, out))
   assert ablations.main(args(tmp_path)) == 0
+  assert written == [2, 4]
   rows = json.load(open(tmp_path / "results.json"))
   assert [(r["variant"], r["budget"]) for r in rows] == [
       ("recipe", 1.0), ("recipe", 0.25), ("gate kind: linear", 1.0), ("gate kind: linear", 0.25)]
@@ -36,11 +41,12 @@ def test_variants_train_and_table(tmp_path, capsys):
   assert all(r["kept"] < 0.6 for r in rows if r["budget"] == 0.25)
   table = (tmp_path / "results.md").read_text()
   assert "| recipe |" in table and "| gate kind: linear |" in table and "budget 0.25" in table
-  # The same command again finds the trained gates and only scores them.
+  # The same command again finds the trained gates and only scores them; the training time
+  # and keep ratio are read back, not lost.
   assert ablations.main(args(tmp_path)) == 0
   again = json.load(open(tmp_path / "results.json"))
-  assert all(r["train_seconds"] is None for r in again)
-  assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+  for key in ("accuracy", "train_seconds", "train_keep_ratio"):
+    assert [r[key] for r in again] == [r[key] for r in rows]
 
 
 @pytest.mark.parametrize("flags,message", [

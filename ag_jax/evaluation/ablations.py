@@ -7,9 +7,11 @@ Each variant is the recipe with one change (gate kind, gate heads, gate head siz
 target keep ratio, budget-aware training off, the paper's unbounded gate layout), trained
 with the base frozen for the same steps and seeds, then scored on the RULER-style suite
 (test split) under the kvpress protocol with the AG policy at every budget (1 = the gates'
-own flags, an ample cache): accuracy and the kept share. Writes results.json (one row per variant, seed, task, length
-and budget) and results.md (mean and worst over seeds). A variant whose gates are already in
-`--work-dir` is not trained again, so an interrupted run continues with the same command.
+own flags, an ample cache): accuracy and the kept share. Writes results.json (one row per
+variant, seed, task, length and budget) and results.md (mean and worst over seeds) after every
+variant and seed, so a stopped run leaves the table of what it finished. A variant whose gates
+are already in `--work-dir` is not trained again (its training time and keep ratio are read
+back), so an interrupted run continues with the same command.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from ag_jax import atomic_io
 
 DEFAULT_RECIPE = "configs/train/ruler_gates.yaml"
+TRAINED_FILE = "ablation_trained.json"  # in a variant's run dir: its training time, keep ratio
 # name -> overrides of the recipe. The recipe's own gate is the reference row.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "recipe": (),
@@ -49,7 +52,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 class Trained:
   gates_dir: str
   steps: int
-  seconds: float | None   # None: found in the work dir, not trained by this run
+  seconds: float | None   # wall time of the training run that finished it (a resumed run:
+                          # its own steps only); None: not recorded
   keep_ratio: float | None  # the hard keep ratio of the last logged training interval
 
 
@@ -80,12 +84,15 @@ def train_variant(cfg, log=None) -> Trained:
   from ag_jax.checkpoint import GATE_CONFIG_FILE  # pylint: disable=g-import-not-at-top
   from ag_jax.train import train  # pylint: disable=g-import-not-at-top
   gates_dir = os.path.join(cfg.run.out_dir, "gates")
+  record = os.path.join(cfg.run.out_dir, TRAINED_FILE)
   if os.path.exists(os.path.join(gates_dir, GATE_CONFIG_FILE)):
-    return Trained(gates_dir, cfg.run.steps, None, None)
+    found = json.load(open(record)) if os.path.exists(record) else {}
+    return Trained(gates_dir, cfg.run.steps, found.get("seconds"), found.get("keep_ratio"))
   start = time.perf_counter()
   result = train(cfg)
   seconds = time.perf_counter() - start
   keep = result.history[-1].get("keep_ratio") if result.history else None
+  atomic_io.write_text(record, json.dumps({"seconds": seconds, "keep_ratio": keep}))
   if log:
     log(f"trained {cfg.run.out_dir}: {cfg.run.steps} steps in {seconds:.0f} s, keep ratio "
         f"{keep if keep is None else round(keep, 3)}")
@@ -109,9 +116,11 @@ def load_gated(cfg, gates_dir: str):
 def run_ablations(recipe, variants: dict[str, Sequence[str]], *, seeds: Sequence[int],
                   steps: int | None, tasks: Sequence[str], lengths: Sequence[int],
                   budgets: Sequence[float], num_examples: int, work_dir: str,
-                  overrides: Sequence[str] = (), batch_size: int = 16, log=None) -> list[dict]:
+                  overrides: Sequence[str] = (), batch_size: int = 16, log=None,
+                  on_rows=None) -> list[dict]:
   """Rows {variant, seed, task, length, budget, accuracy, kept, ..., train_seconds,
-  train_keep_ratio} for every variant x seed x task x length x budget (AG, kvpress)."""
+  train_keep_ratio} for every variant x seed x task x length x budget (AG, kvpress).
+  on_rows(rows so far), if given, after each variant and seed."""
   from ag_jax.evaluation import tables  # pylint: disable=g-import-not-at-top
   configs = {(name, seed): variant_config(
       recipe, list(overrides) + list(changes), steps, seed,
@@ -138,6 +147,8 @@ def run_ablations(recipe, variants: dict[str, Sequence[str]], *, seeds: Sequence
       if log:
         log(f"{name} seed {seed} {r['task']}@{r['length']} budget {rows[-1]['budget']:g}: "
             f"accuracy {r['accuracy']:.3f}, kept {100 * r['kept']:.1f}%")
+    if on_rows:
+      on_rows(rows)
   return rows
 
 
@@ -235,8 +246,8 @@ def main(argv=None) -> int:
         steps=args.steps, tasks=tasks,
         lengths=_numbers(args.lengths, int, "--lengths"), budgets=budgets,
         num_examples=args.num_examples, overrides=args.set, batch_size=args.batch_size,
-        work_dir=args.work_dir or os.path.join(args.out, "runs"), log=log)
-    write(rows, args.out)
+        work_dir=args.work_dir or os.path.join(args.out, "runs"), log=log,
+        on_rows=lambda so_far: write(so_far, args.out))
     print(markdown(rows))
     return 0
   return run_cli(go)
