@@ -75,3 +75,16 @@ def test_every_variant_is_a_valid_change_of_the_recipe(tmp_path):
       section, key = change.split("=")[0].split(".")
       assert getattr(getattr(cfg, section), key) != getattr(getattr(base, section), key), \
           (name, change)
+
+
+def test_table_gives_mean_and_worst_over_seeds_and_one_seed_alone():
+  row = lambda seed, budget, acc, kept: {"variant": "recipe", "seed": seed, "task": "vt",
+                                         "length": 512, "budget": budget, "accuracy": acc,
+                                         "kept": kept}
+  two = ablations.markdown([row(0, 1.0, 0.50, 0.4), row(1, 1.0, 0.75, 0.5),
+                            row(0, 0.25, 0.25, 0.2), row(1, 0.25, 0.50, 0.2)])
+  assert "seeds 0,1: mean, worst" in two
+  assert "| recipe | 62.5, 50.0 (kept 45%) | 37.5, 25.0 (kept 20%) |" in two
+  one = ablations.markdown([row(3, 1.0, 0.50, 0.4), row(3, 0.25, 0.25, 0.2)])
+  assert "(kvpress protocol, AG; seed 3)" in one
+  assert "| recipe | 50.0 (kept 40%) | 25.0 (kept 20%) |" in one

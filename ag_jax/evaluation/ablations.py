@@ -158,14 +158,17 @@ def _slug(name: str) -> str:
 
 def markdown(rows: Sequence[dict]) -> str:
   """One table per task and length: a row per variant, a column per budget, cells
-  'accuracy % (kept %)' as the mean over seeds, and the worst seed's accuracy."""
+  'accuracy % (kept %)': the mean over seeds and the worst seed's accuracy, or with one
+  seed its accuracy."""
   out = []
   budgets = sorted({r["budget"] for r in rows}, reverse=True)
   for task, length in dict.fromkeys((r["task"], r["length"]) for r in rows):
     cell = [r for r in rows if (r["task"], r["length"]) == (task, length)]
     seeds = sorted({r["seed"] for r in cell})
-    out.append(f"### {task} @ {length} tokens (kvpress protocol, AG; seeds "
-               f"{','.join(map(str, seeds))}: mean, worst)\n")
+    one = len(seeds) == 1  # one seed: its accuracy, not a mean and worst of one
+    out.append(f"### {task} @ {length} tokens (kvpress protocol, AG; "
+               + (f"seed {seeds[0]})\n" if one else
+                  f"seeds {','.join(map(str, seeds))}: mean, worst)\n"))
     out.append("| variant | " + " | ".join(
         "ample (budget 1)" if b >= 1 else f"budget {b:g}" for b in budgets) + " |")
     out.append("|---|" + "---:|" * len(budgets))
@@ -175,7 +178,8 @@ def markdown(rows: Sequence[dict]) -> str:
         got = [r for r in cell if r["variant"] == variant and r["budget"] == b]
         acc = np.array([r["accuracy"] for r in got]) * 100
         kept = np.mean([r["kept"] for r in got]) * 100
-        cells.append(f"{acc.mean():.1f}, {acc.min():.1f} (kept {kept:.0f}%)")
+        score = f"{acc[0]:.1f}" if one else f"{acc.mean():.1f}, {acc.min():.1f}"
+        cells.append(f"{score} (kept {kept:.0f}%)")
       out.append(f"| {variant} | " + " | ".join(cells) + " |")
     out.append("")
   return "\n".join(out)
