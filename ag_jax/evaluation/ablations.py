@@ -1,7 +1,8 @@
 """The paper's gate ablations as one command (issue 14):
 
   python -m ag_jax.evaluation.ablations --config configs/train/ruler_gates.yaml \\
-      --steps 300 --seeds 0,1,2 --out docs/ablations
+      --set model.hf_path=ag_jax/assets/ruler_tiny/model --steps 300 --seeds 0,1,2 \\
+      --out out/ablations
 
 Each variant is the recipe with one change (gate kind, gate heads, gate head size, loss form,
 target keep ratio, budget-aware training off, the paper's unbounded gate layout), trained
