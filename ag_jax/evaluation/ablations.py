@@ -9,10 +9,11 @@ target keep ratio, budget-aware training off, the paper's unbounded gate layout)
 with the base frozen for the same steps and seeds, then scored on the RULER-style suite
 (test split) under the kvpress protocol with the AG policy at every budget (1 = the gates'
 own flags, an ample cache): accuracy and the kept share. Writes results.json (one row per
-variant, seed, task, length and budget) and results.md (mean and worst over seeds; one seed: its
-accuracy) after every variant and seed, so a stopped run leaves the table of what it finished. A variant whose gates
-are already in `--work-dir` is not trained again (its training time and keep ratio are read
-back), so an interrupted run continues with the same command.
+variant, seed, task, length and budget) and results.md (mean and worst over seeds; one
+seed: its accuracy) after every variant and seed, so a stopped run leaves the table of what
+it finished. A variant whose gates are already in `--work-dir` is not trained again (its
+training time and keep ratio are read back), so an interrupted run continues with the same
+command.
 """
 
 from __future__ import annotations
